@@ -1,0 +1,59 @@
+"""Fake (meta) kernels for every op and autograd formulas, registered with torch.library.
+
+Fake kernels let torch.compile / torch.export trace the ops without running them; they must
+produce exactly the shapes, dtypes and memory formats the real kernels produce.
+"""
+import torch
+from torch._prims_common import suggest_memory_format
+
+from ._checks import output_size
+
+
+def _pad4(padding):
+    padding = list(padding)
+    return padding if len(padding) == 4 else [padding[0], padding[1], padding[0], padding[1]]
+
+
+def _empty_like_layout(ref: torch.Tensor, shape):
+    return torch.empty(shape, dtype=ref.dtype, device=ref.device,
+                       memory_format=suggest_memory_format(ref))
+
+
+# --- depthwise_conv2d -------------------------------------------------------------------------
+
+@torch.library.register_fake("convops::depthwise_conv2d")
+def _depthwise_conv2d_fake(input, weight, bias, stride, padding, dilation):
+    ho, wo = output_size(input.shape[2:], weight.shape[2:], stride, _pad4(padding), dilation,
+                         "depthwise_conv2d")
+    return _empty_like_layout(input, (input.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.register_fake("convops::depthwise_conv2d_backward")
+def _depthwise_conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
+                                    output_mask):
+    grad_input = _empty_like_layout(input, input.shape) if output_mask[0] else input.new_empty(0)
+    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) \
+        if output_mask[1] else weight.new_empty(0)
+    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
+    return grad_input, grad_weight, grad_bias
+
+
+def _depthwise_setup_context(ctx, inputs, output):
+    input, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_bias = bias is not None
+
+
+def _depthwise_backward(ctx, grad_output):
+    input, weight = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            ctx.has_bias and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias = torch.ops.convops.depthwise_conv2d_backward(
+        grad_output, input, weight, *ctx.conv_args, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
+            grad_bias if mask[2] else None, None, None, None)
+
+
+torch.library.register_autograd("convops::depthwise_conv2d", _depthwise_backward,
+                                setup_context=_depthwise_setup_context)

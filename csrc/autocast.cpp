@@ -1,0 +1,37 @@
+// Autocast kernels: under torch.autocast the convops ops run natively in the autocast dtype
+// (fp16/bf16), like aten's convolutions, instead of being upcast to fp32.
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace convops {
+namespace {
+
+template <c10::DispatchKey key, c10::DeviceType device>
+at::Tensor depthwise_conv2d_autocast(const at::Tensor& input, const at::Tensor& weight,
+                                     const c10::optional<at::Tensor>& bias,
+                                     at::IntArrayRef stride, at::IntArrayRef padding,
+                                     at::IntArrayRef dilation) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
+  const auto dtype = at::autocast::get_autocast_dtype(device);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("convops::depthwise_conv2d", "")
+                       .typed<decltype(depthwise_conv2d_autocast<key, device>)>();
+  return op.call(at::autocast::cached_cast(dtype, input, device),
+                 at::autocast::cached_cast(dtype, weight, device),
+                 at::autocast::cached_cast(dtype, bias, device), stride, padding, dilation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(convops, AutocastCPU, m) {
+  m.impl("depthwise_conv2d",
+         &depthwise_conv2d_autocast<c10::DispatchKey::AutocastCPU, c10::DeviceType::CPU>);
+}
+
+TORCH_LIBRARY_IMPL(convops, AutocastCUDA, m) {
+  m.impl("depthwise_conv2d",
+         &depthwise_conv2d_autocast<c10::DispatchKey::AutocastCUDA, c10::DeviceType::CUDA>);
+}
+
+}  // namespace convops

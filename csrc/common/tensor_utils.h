@@ -1,0 +1,30 @@
+// Host-side helpers shared by the CPU and CUDA entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <limits>
+
+namespace convops {
+
+// Kernels exist for NCHW and NHWC; anything else (a strided view) is made dense in the layout
+// the caller used, never silently converted to the other layout.
+inline bool prefers_channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+inline at::MemoryFormat layout_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// True when every listed tensor can be indexed with int32 arithmetic.
+inline bool fits_int32(std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->numel() >= std::numeric_limits<int32_t>::max()) return false;
+  return true;
+}
+
+// Placeholder returned for a gradient the output mask did not ask for.
+inline at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
+
+}  // namespace convops

@@ -1,0 +1,51 @@
+// Every convops operator schema, and the Python module init for convops._C.
+//
+// Backward ops are operators of their own, taking an output mask so that gradients nobody
+// asked for are not computed; autograd is wired in Python (convops/_registrations.py) so that
+// torch.compile and torch.export see these ops, never an opaque Python function.
+#include <torch/library.h>
+
+#ifdef CONVOPS_BUILD_PYTHON
+#include <Python.h>
+#endif
+
+#ifndef CONVOPS_TORCH_VERSION
+#define CONVOPS_TORCH_VERSION "unknown"
+#endif
+#ifndef CONVOPS_VERSION
+#define CONVOPS_VERSION "unknown"
+#endif
+
+TORCH_LIBRARY(convops, m) {
+  // padding: (pad_h, pad_w) or (top, left, bottom, right).
+  m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[] padding, int[2] dilation) -> Tensor");
+  m.def("depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+        "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+#ifdef CONVOPS_BUILD_PYTHON
+namespace {
+
+PyModuleDef convops_module = {PyModuleDef_HEAD_INIT, "_C",
+                              "convops compiled kernels; ops live in torch.ops.convops", -1,
+                              nullptr};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* module = PyModule_Create(&convops_module);
+  if (module == nullptr) return nullptr;
+#ifdef CONVOPS_WITH_CUDA
+  PyModule_AddObject(module, "cuda_compiled", PyBool_FromLong(1));
+  PyModule_AddStringConstant(module, "cuda_archs", CONVOPS_CUDA_ARCHS);
+#else
+  PyModule_AddObject(module, "cuda_compiled", PyBool_FromLong(0));
+  PyModule_AddStringConstant(module, "cuda_archs", "");
+#endif
+  PyModule_AddStringConstant(module, "version", CONVOPS_VERSION);
+  PyModule_AddStringConstant(module, "torch_built_against", CONVOPS_TORCH_VERSION);
+  return module;
+}
+#endif

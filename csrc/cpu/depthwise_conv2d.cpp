@@ -1,0 +1,337 @@
+// Depthwise conv2d on CPU: forward, input gradient, weight gradient, for NCHW and NHWC.
+//
+// Every loop nest is arranged so its innermost loop runs over a contiguous row (NCHW: along W,
+// NHWC: along channels) inside a range precomputed with valid_output_range, so there are no
+// per-element bounds tests and the row kernels vectorize. Work is split with at::parallel_for
+// over independent outputs (planes, rows or channel blocks): no two threads write the same
+// element, and each element is summed in a fixed order, so results are deterministic.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/depthwise.h"
+#include "common/tensor_utils.h"
+#include "cpu/row_kernels.h"
+
+namespace convops {
+namespace cpu {
+namespace {
+
+using Ranges = std::vector<OutputRange<int64_t>>;
+
+Ranges column_ranges(const DepthwiseGeometry& g) {
+  Ranges r(g.kw);
+  for (int64_t kx = 0; kx < g.kw; ++kx)
+    r[kx] = valid_output_range<int64_t>(kx, g.W, g.Wo, g.sw, g.pw, g.dw);
+  return r;
+}
+
+template <typename scalar_t>
+void forward_nchw(const scalar_t* in, const scalar_t* w, const scalar_t* bias, scalar_t* out,
+                  const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Ranges cols = column_ranges(g);
+  at::parallel_for(0, g.N * g.OC, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(g.Wo);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / g.OC, oc = p % g.OC, c = oc / g.multiplier;
+      const scalar_t* plane = in + (n * g.C + c) * g.H * g.W;
+      const scalar_t* filter = w + oc * g.kh * g.kw;
+      const acc_t b = bias ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+      scalar_t* out_plane = out + p * g.Ho * g.Wo;
+      for (int64_t oh = 0; oh < g.Ho; ++oh) {
+        std::fill(row.begin(), row.end(), b);
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
+          if (ih < 0 || ih >= g.H) continue;
+          const scalar_t* in_row = plane + ih * g.W;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const auto r = cols[kx];
+            if (r.first >= r.last) continue;
+            axpy(row.data() + r.first, static_cast<acc_t>(filter[ky * g.kw + kx]),
+                 in_row + conv_input_pos<int64_t>(r.first, kx, g.sw, g.pw, g.dw), g.sw,
+                 r.last - r.first);
+          }
+        }
+        scalar_t* out_row = out_plane + oh * g.Wo;
+        for (int64_t ow = 0; ow < g.Wo; ++ow) out_row[ow] = static_cast<scalar_t>(row[ow]);
+      }
+    }
+  });
+}
+
+// weight_t is the filter bank transposed to (kh*kw, OC), so each tap is a contiguous row
+// matching the NHWC channel vector.
+template <typename scalar_t>
+void forward_nhwc(const scalar_t* in, const scalar_t* weight_t, const scalar_t* bias,
+                  scalar_t* out, const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.OC);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / g.Ho, oh = p % g.Ho;
+      for (int64_t ow = 0; ow < g.Wo; ++ow) {
+        for (int64_t oc = 0; oc < g.OC; ++oc)
+          acc[oc] = bias ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const int64_t iw = conv_input_pos<int64_t>(ow, kx, g.sw, g.pw, g.dw);
+            if (iw < 0 || iw >= g.W) continue;
+            const scalar_t* px = in + ((n * g.H + ih) * g.W + iw) * g.C;
+            const scalar_t* wt = weight_t + (ky * g.kw + kx) * g.OC;
+            if (g.multiplier == 1) {
+              fma_rows(acc.data(), wt, px, g.C);
+            } else {
+              for (int64_t oc = 0; oc < g.OC; ++oc)
+                acc[oc] += static_cast<acc_t>(wt[oc]) *
+                           static_cast<acc_t>(px[oc / g.multiplier]);
+            }
+          }
+        }
+        scalar_t* out_px = out + ((n * g.Ho + oh) * g.Wo + ow) * g.OC;
+        for (int64_t oc = 0; oc < g.OC; ++oc) out_px[oc] = static_cast<scalar_t>(acc[oc]);
+      }
+    }
+  });
+}
+
+// Input gradient, gathered one input row at a time: the taps of every output row that reads
+// input row ih are scattered into a private row buffer, then written once.
+template <typename scalar_t>
+void input_grad_nchw(const scalar_t* grad_out, const scalar_t* w, scalar_t* grad_in,
+                     const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Ranges cols = column_ranges(g);
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(g.W);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / g.C, c = p % g.C;
+      scalar_t* gi_plane = grad_in + p * g.H * g.W;
+      for (int64_t ih = 0; ih < g.H; ++ih) {
+        std::fill(row.begin(), row.end(), acc_t(0));
+        for (int64_t j = 0; j < g.multiplier; ++j) {
+          const int64_t oc = c * g.multiplier + j;
+          const scalar_t* filter = w + oc * g.kh * g.kw;
+          const scalar_t* go_plane = grad_out + (n * g.OC + oc) * g.Ho * g.Wo;
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t oh = output_pos_reading<int64_t>(ih, ky, g.Ho, g.sh, g.ph, g.dh);
+            if (oh < 0) continue;
+            const scalar_t* go_row = go_plane + oh * g.Wo;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const auto r = cols[kx];
+              if (r.first >= r.last) continue;
+              axpy_scatter(row.data() + conv_input_pos<int64_t>(r.first, kx, g.sw, g.pw, g.dw),
+                           g.sw, static_cast<acc_t>(filter[ky * g.kw + kx]), go_row + r.first,
+                           r.last - r.first);
+            }
+          }
+        }
+        scalar_t* gi_row = gi_plane + ih * g.W;
+        for (int64_t iw = 0; iw < g.W; ++iw) gi_row[iw] = static_cast<scalar_t>(row[iw]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void input_grad_nhwc(const scalar_t* grad_out, const scalar_t* weight_t, scalar_t* grad_in,
+                     const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(g.C);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / g.H, ih = p % g.H;
+      for (int64_t iw = 0; iw < g.W; ++iw) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          const int64_t oh = output_pos_reading<int64_t>(ih, ky, g.Ho, g.sh, g.ph, g.dh);
+          if (oh < 0) continue;
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const int64_t ow = output_pos_reading<int64_t>(iw, kx, g.Wo, g.sw, g.pw, g.dw);
+            if (ow < 0) continue;
+            const scalar_t* go_px = grad_out + ((n * g.Ho + oh) * g.Wo + ow) * g.OC;
+            const scalar_t* wt = weight_t + (ky * g.kw + kx) * g.OC;
+            if (g.multiplier == 1) {
+              fma_rows(acc.data(), wt, go_px, g.C);
+            } else {
+              for (int64_t oc = 0; oc < g.OC; ++oc)
+                acc[oc / g.multiplier] +=
+                    static_cast<acc_t>(wt[oc]) * static_cast<acc_t>(go_px[oc]);
+            }
+          }
+        }
+        scalar_t* gi_px = grad_in + ((n * g.H + ih) * g.W + iw) * g.C;
+        for (int64_t c = 0; c < g.C; ++c) gi_px[c] = static_cast<scalar_t>(acc[c]);
+      }
+    }
+  });
+}
+
+// Weight gradient, one output channel per task: every tap is a dot product of a grad_out row
+// with the input row it read, so each input row is reused from L1 for all kw taps.
+template <typename scalar_t>
+void weight_grad_nchw(const scalar_t* grad_out, const scalar_t* in, scalar_t* grad_w,
+                      const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Ranges cols = column_ranges(g);
+  const int64_t taps = g.kh * g.kw;
+  at::parallel_for(0, g.OC, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(taps);
+    for (int64_t oc = begin; oc < end; ++oc) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      const int64_t c = oc / g.multiplier;
+      for (int64_t n = 0; n < g.N; ++n) {
+        const scalar_t* go_plane = grad_out + (n * g.OC + oc) * g.Ho * g.Wo;
+        const scalar_t* plane = in + (n * g.C + c) * g.H * g.W;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const scalar_t* go_row = go_plane + oh * g.Wo;
+          for (int64_t ky = 0; ky < g.kh; ++ky) {
+            const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
+            if (ih < 0 || ih >= g.H) continue;
+            const scalar_t* in_row = plane + ih * g.W;
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const auto r = cols[kx];
+              if (r.first >= r.last) continue;
+              acc[ky * g.kw + kx] +=
+                  dot(go_row + r.first,
+                      in_row + conv_input_pos<int64_t>(r.first, kx, g.sw, g.pw, g.dw), g.sw,
+                      r.last - r.first);
+            }
+          }
+        }
+      }
+      for (int64_t t = 0; t < taps; ++t) grad_w[oc * taps + t] = static_cast<scalar_t>(acc[t]);
+    }
+  });
+}
+
+// NHWC weight gradient: tasks own blocks of output channels and walk every output pixel, so
+// each channel is still summed in one fixed order whatever the block size.
+template <typename scalar_t>
+void weight_grad_nhwc(const scalar_t* grad_out, const scalar_t* in, scalar_t* grad_w,
+                      const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t taps = g.kh * g.kw;
+  const int64_t threads = at::get_num_threads();
+  const int64_t block = std::max<int64_t>(16, (g.OC + 2 * threads - 1) / (2 * threads));
+  const int64_t blocks = (g.OC + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(taps * block);
+    std::vector<scalar_t> gathered(block);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t oc0 = b * block, len = std::min(block, g.OC - oc0);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t n = 0; n < g.N; ++n) {
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const scalar_t* go_px = grad_out + ((n * g.Ho + oh) * g.Wo + ow) * g.OC + oc0;
+            for (int64_t ky = 0; ky < g.kh; ++ky) {
+              const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t kx = 0; kx < g.kw; ++kx) {
+                const int64_t iw = conv_input_pos<int64_t>(ow, kx, g.sw, g.pw, g.dw);
+                if (iw < 0 || iw >= g.W) continue;
+                const scalar_t* px = in + ((n * g.H + ih) * g.W + iw) * g.C;
+                const scalar_t* src = px + oc0;
+                if (g.multiplier != 1) {
+                  for (int64_t i = 0; i < len; ++i) gathered[i] = px[(oc0 + i) / g.multiplier];
+                  src = gathered.data();
+                }
+                fma_rows(acc.data() + (ky * g.kw + kx) * block, go_px, src, len);
+              }
+            }
+          }
+        }
+      }
+      for (int64_t i = 0; i < len; ++i)
+        for (int64_t t = 0; t < taps; ++t)
+          grad_w[(oc0 + i) * taps + t] = static_cast<scalar_t>(acc[t * block + i]);
+    }
+  });
+}
+
+at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
+                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                                at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const DepthwiseGeometry g = depthwise_geometry(input, weight, bias, stride, padding, dilation);
+  const bool cl = prefers_channels_last(input);
+  const at::Tensor x = input.contiguous(layout_of(cl));
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "depthwise_conv2d_cpu", [&] {
+    const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+    if (cl) {
+      const at::Tensor wt = w.view({g.OC, g.kh * g.kw}).t().contiguous();
+      forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), bp,
+                             out.mutable_data_ptr<scalar_t>(), g);
+    } else {
+      forward_nchw<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+                             out.mutable_data_ptr<scalar_t>(), g);
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& weight,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    std::array<bool, 3> output_mask) {
+  const DepthwiseGeometry g = depthwise_geometry(input, weight, c10::nullopt, stride, padding,
+                                                 dilation);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
+              "convops.depthwise_conv2d_backward: grad_output must be ",
+              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
+  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
+              "convops.depthwise_conv2d_backward: grad_output dtype must match input");
+  const bool cl = prefers_channels_last(input);
+  const at::Tensor x = input.contiguous(layout_of(cl));
+  const at::Tensor go = grad_output.contiguous(layout_of(cl));
+  const at::Tensor w = weight.contiguous();
+  at::Tensor grad_input = not_requested(input), grad_weight = not_requested(weight),
+             grad_bias = not_requested(weight);
+  if (output_mask[0]) grad_input = at::empty_like(x, layout_of(cl));
+  if (output_mask[1]) grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
+  if (output_mask[2]) grad_bias = go.sum({0, 2, 3});
+  const bool empty = g.N == 0;
+  if (empty && output_mask[1]) grad_weight.zero_();
+  if (empty) return {grad_input, grad_weight, grad_bias};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
+                                  "depthwise_conv2d_backward_cpu", [&] {
+    const scalar_t* gop = go.const_data_ptr<scalar_t>();
+    if (output_mask[0]) {
+      scalar_t* gip = grad_input.mutable_data_ptr<scalar_t>();
+      if (cl) {
+        const at::Tensor wt = w.view({g.OC, g.kh * g.kw}).t().contiguous();
+        input_grad_nhwc<scalar_t>(gop, wt.const_data_ptr<scalar_t>(), gip, g);
+      } else {
+        input_grad_nchw<scalar_t>(gop, w.const_data_ptr<scalar_t>(), gip, g);
+      }
+    }
+    if (output_mask[1]) {
+      scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
+      if (cl) weight_grad_nhwc<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
+      else weight_grad_nchw<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
+    }
+  });
+  return {grad_input, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(convops, CPU, m) {
+  m.impl("depthwise_conv2d", &depthwise_conv2d_cpu);
+  m.impl("depthwise_conv2d_backward", &depthwise_conv2d_backward_cpu);
+}
+
+}  // namespace cpu
+}  // namespace convops

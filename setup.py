@@ -1,0 +1,121 @@
+"""Build convops._C with torch.utils.cpp_extension.
+
+CUDA sources are compiled when torch has CUDA and nvcc is found, or always with FORCE_CUDA=1
+(useful on a build machine without a GPU). Environment knobs:
+  FORCE_CUDA=1            compile csrc/cuda/*.cu even without a visible GPU
+  FORCE_CPU=1             never compile the CUDA sources
+  TORCH_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0+PTX" (read by torch's build helpers)
+  MAX_JOBS                parallel compile jobs (read by torch's ninja backend)
+  NVCC_FLAGS              extra flags appended to the nvcc command line
+  DEBUG=1                 -O0 -g (and -G -lineinfo for nvcc)
+"""
+import glob
+import os
+import shutil
+import subprocess
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VERSION = "0.1.0"
+
+
+def _env_flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _derive_cuda_home():
+    """Point CUDA_HOME at a real toolkit folder before torch guesses it.
+
+    torch derives CUDA_HOME from the location of `nvcc` on PATH; when that `nvcc` is a wrapper
+    script (as on our build machines) the guess is wrong, so look for the folder that really
+    holds include/cuda_runtime.h.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+        try:  # a wrapper script usually names the real binary
+            with open(nvcc, "r", errors="ignore") as f:
+                for token in f.read(4096).split():
+                    if token.endswith("/bin/nvcc") and os.path.isfile(token):
+                        candidates.append(os.path.dirname(os.path.dirname(token)))
+        except OSError:
+            pass
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_derive_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _want_cuda():
+    if _env_flag("FORCE_CPU"):
+        return False
+    if _env_flag("FORCE_CUDA"):
+        if cpp_extension.CUDA_HOME is None:
+            raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
+        return True
+    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+
+def _cuda_arch_summary():
+    """The archs nvcc will be asked for, as 'sm_90,compute_90', recorded in the binary."""
+    try:
+        flags = cpp_extension._get_cuda_arch_flags()
+    except Exception:  # private helper: keep the build going if it ever moves
+        return os.environ.get("TORCH_CUDA_ARCH_LIST", "unknown")
+    archs = []
+    for flag in flags:
+        if "code=" in flag:
+            archs.append(flag.split("code=")[-1].strip("[]"))
+    return ",".join(archs) or "unknown"
+
+
+def build_extensions():
+    with_cuda = _want_cuda()
+    debug = _env_flag("DEBUG")
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    define_macros = [("CONVOPS_BUILD_PYTHON", None), ("CONVOPS_VERSION", f'"{VERSION}"'),
+                     ("CONVOPS_TORCH_VERSION", f'"{torch.__version__}"')]
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += ["-fdiagnostics-color=always"]  # torch picks the C++ standard it needs
+    extra_compile_args = {"cxx": cxx_flags}
+    ext_cls = cpp_extension.CppExtension
+    if with_cuda:
+        ext_cls = cpp_extension.CUDAExtension
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        define_macros += [("CONVOPS_WITH_CUDA", None),
+                          ("CONVOPS_CUDA_ARCHS", f'"{_cuda_arch_summary()}"')]
+        nvcc_flags = ["-O0", "-G", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
+        nvcc_flags += ["--expt-relaxed-constexpr"]
+        nvcc_flags += os.environ.get("NVCC_FLAGS", "").split()
+        extra_compile_args["nvcc"] = nvcc_flags
+    return [ext_cls(
+        name="convops._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra_compile_args,
+    )]
+
+
+setup(
+    name="convops",
+    version=VERSION,
+    description="Depthwise, dilated and deformable convolution kernels for PyTorch (CPU + CUDA)",
+    packages=find_packages(include=["convops", "convops.*"]),
+    ext_modules=build_extensions(),
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.9",
+    install_requires=["torch>=2.11"],
+    zip_safe=False,
+)
