@@ -267,6 +267,7 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
   if (out.numel() == 0) return out;
+  poison_for_tests(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cpu", [&] {
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -302,6 +303,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
   if (output_mask[0]) grad_input = at::empty_like(x, layout_of(cl));
   if (output_mask[1]) grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
   if (output_mask[2]) grad_bias = go.sum({0, 2, 3});
+  poison_for_tests(grad_input);
+  poison_for_tests(grad_weight);
   const bool empty = g.N == 0;
   if (empty && output_mask[1]) grad_weight.zero_();
   if (empty) return {grad_input, grad_weight, grad_bias};

@@ -1,0 +1,48 @@
+"""Shared test settings: tolerances (stated once, here), devices, comparison helpers."""
+import os
+
+import pytest
+import torch
+
+# Every freshly allocated kernel output is NaN-filled before the kernel writes it, so a kernel
+# that skips an element fails instead of passing on a lucky zero.
+os.environ["CONVOPS_POISON_OUTPUTS"] = "1"
+
+import convops  # noqa: E402,F401
+
+# Norm-wise tolerances, relative to the largest magnitude of the float64 reference:
+#   max|actual - expected| <= ATOL + RTOL * max|expected|
+# float16/bfloat16 results are compared with a float64 reference computed from the same
+# (already rounded) low-precision inputs, so only the kernel's own rounding is measured.
+TOLERANCES = {
+    torch.float64: (1e-12, 1e-10),
+    torch.float32: (1e-6, 1e-5),
+    torch.float16: (1e-4, 2e-3),
+    torch.bfloat16: (1e-3, 1.6e-2),
+}
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None,
+                 what: str = "") -> None:
+    dtype = dtype or actual.dtype
+    atol, rtol = TOLERANCES[dtype]
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    assert torch.isfinite(a).all(), f"{what}: non-finite values in result"
+    err = (a - e).abs().max().item() if a.numel() else 0.0
+    scale = e.abs().max().item() if e.numel() else 0.0
+    assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} " \
+                                      f"(atol {atol}, rtol {rtol}, {dtype})"
+
+
+def devices():
+    return ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
+def device(request):
+    return request.param

@@ -1,0 +1,321 @@
+"""depthwise_conv2d: values and gradients against F.conv2d(groups=C), properties, errors."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convops
+from conftest import HAS_CUDA, assert_close, requires_cuda
+from reference import depthwise_conv2d as reference
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _grid(count, seed):
+    """A reproducible random sample of the configuration space (the full product is huge)."""
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        kh = rng.choice([1, 2, 3, 4, 5, 7, 9, 13, 31]) if i % 7 else rng.choice([1, 31])
+        kw = kh if rng.random() < 0.6 else rng.choice([1, 2, 3, 5, 6, 7])
+        stride = (rng.randint(1, 3), rng.randint(1, 3))
+        dilation = (rng.randint(1, 3), rng.randint(1, 3))
+        padding = rng.choice([0, 1, 2, (kh // 2, kw // 2), (0, 3), "same", "valid"])
+        if padding == "same":
+            stride = (1, 1)
+        cases.append(dict(
+            channels=rng.randint(1, 6), multiplier=rng.randint(1, 3), kernel=(kh, kw),
+            stride=stride, dilation=dilation, padding=padding,
+            batch=rng.randint(1, 3), bias=rng.random() < 0.7,
+            channels_last=rng.random() < 0.5, dtype=DTYPES[i % 4]))
+    return cases
+
+
+def _inputs(case, device, dtype=None, requires_grad=True):
+    dtype = dtype or case["dtype"]
+    kh, kw = case["kernel"]
+    dh, dw = case["dilation"]
+    size_h = max(dh * (kh - 1) + 1, 1) + random.Random(kh * 31 + kw).randint(0, 9)
+    size_w = max(dw * (kw - 1) + 1, 1) + random.Random(kh * 17 + kw).randint(0, 11)
+    x = torch.randn(case["batch"], case["channels"], size_h, size_w, device=device, dtype=dtype)
+    if case["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    oc = case["channels"] * case["multiplier"]
+    w = torch.randn(oc, 1, kh, kw, device=device, dtype=dtype)
+    b = torch.randn(oc, device=device, dtype=dtype) if case["bias"] else None
+    tensors = [t for t in (x, w, b) if t is not None]
+    for t in tensors:
+        t.requires_grad_(requires_grad)
+    return x, w, b
+
+
+def _check_against_reference(case, device):
+    x, w, b = _inputs(case, device)
+    args = (case["stride"], case["padding"], case["dilation"])
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    leaves = [t for t in (x, w, b) if t is not None]
+    ref_leaves = [t.detach().double().cpu().requires_grad_() for t in leaves]
+    rx, rw = ref_leaves[0], ref_leaves[1]
+    rb = ref_leaves[2] if b is not None else None
+    ref = reference(rx, rw, rb, *args)
+    assert out.dtype == x.dtype and out.device == x.device
+    assert_close(out, ref, case["dtype"], "forward")
+    if case["channels_last"] and out.dim() == 4:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(ref.shape, dtype=torch.float64)
+    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=x.dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.to(x.dtype).double())
+    for name, g, rg in zip(["input", "weight", "bias"], grads, ref_grads):
+        assert g.dtype == x.dtype
+        assert_close(g, rg, case["dtype"], f"grad_{name}")
+
+
+@pytest.mark.parametrize("case", _grid(160, seed=1), ids=lambda c: (
+    f"k{c['kernel']}-s{c['stride']}-d{c['dilation']}-p{c['padding']}-m{c['multiplier']}-"
+    f"{'cl' if c['channels_last'] else 'nchw'}-{str(c['dtype'])[6:]}").replace(" ", ""))
+def test_matches_conv2d_cpu(case):
+    _check_against_reference(case, "cpu")
+
+
+@requires_cuda
+@pytest.mark.parametrize("impl", ["tuned", "plain"])
+@pytest.mark.parametrize("case", _grid(80, seed=2), ids=str)
+def test_matches_conv2d_cuda(case, impl, monkeypatch):
+    monkeypatch.setenv("CONVOPS_CUDA_IMPL", impl)
+    _check_against_reference(case, "cuda")
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_matches_cpu(dtype, channels_last):
+    case = dict(channels=8, multiplier=2, kernel=(7, 5), stride=(2, 1), dilation=(1, 2),
+                padding=(3, 4), batch=2, bias=True, channels_last=channels_last, dtype=dtype)
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    cpu = convops.depthwise_conv2d(x, w, b, *args)
+    gpu = convops.depthwise_conv2d(x.cuda(), w.cuda(), b.cuda(), *args)
+    assert_close(gpu, cpu.double(), dtype, "cuda vs cpu")
+
+
+def test_large_kernels_and_tall_images():
+    # 63 is the largest kernel the API promises; also a non-square 1x63 and a 63x1.
+    for kernel in [(63, 63), (1, 63), (63, 1)]:
+        case = dict(channels=2, multiplier=1, kernel=kernel, stride=(1, 1), dilation=(1, 1),
+                    padding="same", batch=1, bias=True, channels_last=False,
+                    dtype=torch.float32)
+        _check_against_reference(case, "cpu")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_non_contiguous_inputs(channels_last):
+    base = torch.randn(2, 6, 20, 24, dtype=torch.float64)
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    x = base[:, ::2, 1:-1, ::2].requires_grad_()  # every other channel and column
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 3, 3, dtype=torch.float64)[::2].requires_grad_()  # strided weight
+    out = convops.depthwise_conv2d(x, w, None, 1, 1)
+    ref = reference(x, w, None, 1, 1)
+    assert_close(out, ref, torch.float64, "forward")
+    g = torch.randn(out.shape, dtype=torch.float64).transpose(2, 3).contiguous().transpose(2, 3)
+    assert not g.is_contiguous()
+    grads = torch.autograd.grad(out, (x, w), g)
+    ref_grads = torch.autograd.grad(ref, (x, w), g)
+    for name, a, e in zip(["input", "weight"], grads, ref_grads):
+        assert_close(a, e, torch.float64, f"grad_{name}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_gradcheck(channels_last, multiplier):
+    x = torch.randn(2, 3, 9, 8, dtype=torch.float64)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(3 * multiplier, 1, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3 * multiplier, dtype=torch.float64, requires_grad=True)
+    fn = lambda x, w, b: convops.depthwise_conv2d(x, w, b, (2, 1), (1, 0), (1, 2))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_only_requested_gradients_are_computed():
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 1, 3, 3, dtype=torch.float64)
+    go = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    gi, gw, gb = torch.ops.convops.depthwise_conv2d_backward(go, x, w, [1, 1], [0, 0], [1, 1],
+                                                             [False, True, False])
+    assert gi.numel() == 0 and gb.numel() == 0 and gw.shape == w.shape
+    x.requires_grad_()
+    out = convops.depthwise_conv2d(x, w, torch.randn(4, dtype=torch.float64))
+    (gx,) = torch.autograd.grad(out.sum(), x)
+    assert gx.shape == x.shape
+
+
+def _opcheck_samples(device="cpu"):
+    samples = []
+    for cl in (False, True):
+        x = torch.randn(2, 3, 10, 9, device=device, requires_grad=True)
+        if cl:
+            x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(6, 1, 3, 3, device=device, requires_grad=True)
+        b = torch.randn(6, device=device, requires_grad=True)
+        samples.append((x, w, b, [1, 2], [1, 1], [1, 1]))
+        samples.append((x, w, None, [1, 1], [0, 1, 2, 1], [2, 1]))
+    return samples
+
+
+def test_opcheck_forward():
+    for args in _opcheck_samples():
+        torch.library.opcheck(torch.ops.convops.depthwise_conv2d.default, args)
+
+
+def test_opcheck_backward():
+    for x, w, b, stride, padding, dilation in _opcheck_samples():
+        out = torch.ops.convops.depthwise_conv2d(x, w, b, stride, padding, dilation)
+        go = torch.randn_like(out)
+        for mask in ([True, True, True], [True, False, False], [False, True, True]):
+            torch.library.opcheck(torch.ops.convops.depthwise_conv2d_backward.default,
+                                  (go, x.detach(), w.detach(), stride, padding, dilation, mask))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    model = nn.Sequential(convops.DepthwiseConv2d(4, 3, padding=1), nn.ReLU(),
+                          convops.DepthwiseConv2d(4, 5, stride=2, padding="valid",
+                                                  depth_multiplier=2))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 16, 16, requires_grad=True)
+    out = compiled(x)
+    ref = model(x)
+    assert_close(out, ref, torch.float32, "compiled forward")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (rg,) = torch.autograd.grad(ref.sum(), x)
+    assert_close(g, rg, torch.float32, "compiled backward")
+
+
+def test_torch_export_module():
+    model = convops.DepthwiseSeparableConv2d(4, 8, 3, padding="same").eval()
+    x = torch.randn(2, 4, 12, 12)
+    exported = torch.export.export(model, (x,))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "convops.depthwise_conv2d.default" in targets
+    assert_close(exported.module()(x), model(x), torch.float32, "exported")
+
+
+def test_autocast_runs_natively_in_bf16():
+    x = torch.randn(2, 4, 10, 10)
+    w = torch.randn(4, 1, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = convops.depthwise_conv2d(x, w, None, 1, 1)
+    assert out.dtype == torch.bfloat16
+    ref = reference(x.bfloat16(), w.detach().bfloat16(), None, 1, 1)
+    assert_close(out, ref, torch.bfloat16, "autocast")
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_backward_is_deterministic(channels_last):
+    x = torch.randn(4, 16, 33, 31)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(16, 1, 5, 5, requires_grad=True)
+    results = []
+    for _ in range(2):
+        out = convops.depthwise_conv2d(x, w, None, 1, 2)
+        results.append(torch.autograd.grad(out, (x, w), torch.ones_like(out)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    w = torch.randn(8, 1, 3, 3, requires_grad=True)
+    b = torch.randn(8, requires_grad=True)
+    out = convops.depthwise_conv2d(x, w, b, 1, 1)
+    assert out.shape == (0, 8, 8, 8)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+# --- modules ----------------------------------------------------------------------------------
+
+def test_module_state_dict_matches_nn_conv2d():
+    ours = convops.DepthwiseConv2d(6, (3, 5), stride=2, padding=(1, 2), depth_multiplier=2)
+    theirs = nn.Conv2d(6, 12, (3, 5), stride=2, padding=(1, 2), groups=6)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+        {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 15, 17)
+    assert_close(ours(x), theirs(x).double(), torch.float32, "module")
+    ours.load_state_dict(nn.Conv2d(6, 12, (3, 5), groups=6).state_dict())
+    no_bias = convops.DepthwiseConv2d(6, 3, bias=False)
+    assert set(no_bias.state_dict()) == {"weight"}
+
+
+def test_depthwise_separable_module():
+    m = convops.DepthwiseSeparableConv2d(4, 10, 3, stride=1, padding=1, dilation=1)
+    assert isinstance(m.depthwise, convops.DepthwiseConv2d)
+    assert isinstance(m.pointwise, nn.Conv2d) and m.pointwise.kernel_size == (1, 1)
+    x = torch.randn(2, 4, 9, 9)
+    ref = F.conv2d(F.conv2d(x, m.depthwise.weight, m.depthwise.bias, 1, 1, groups=4),
+                   m.pointwise.weight, m.pointwise.bias)
+    assert_close(m(x), ref.double(), torch.float32, "separable")
+    assert set(m.state_dict()) == {"depthwise.weight", "depthwise.bias", "pointwise.weight",
+                                   "pointwise.bias"}
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def _ok():
+    return torch.randn(2, 4, 8, 8), torch.randn(4, 1, 3, 3), torch.randn(4)
+
+
+ERROR_CASES = [
+    ("input", TypeError, lambda x, w, b: (x.numpy(), w, b, {})),
+    ("input", ValueError, lambda x, w, b: (x[0], w, b, {})),
+    ("weight", ValueError, lambda x, w, b: (x, w[:, :, 0], b, {})),
+    ("weight", ValueError, lambda x, w, b: (x, torch.randn(4, 2, 3, 3), b, {})),
+    ("weight", ValueError, lambda x, w, b: (x, torch.randn(6, 1, 3, 3), None, {})),
+    ("bias", ValueError, lambda x, w, b: (x, w, torch.randn(5), {})),
+    ("weight dtype", TypeError, lambda x, w, b: (x, w.double(), b, {})),
+    ("bias dtype", TypeError, lambda x, w, b: (x, w, b.half(), {})),
+    ("input", TypeError, lambda x, w, b: (x.int(), w.int(), None, {})),
+    ("stride", ValueError, lambda x, w, b: (x, w, b, {"stride": 0})),
+    ("stride", ValueError, lambda x, w, b: (x, w, b, {"stride": (1, -1)})),
+    ("dilation", ValueError, lambda x, w, b: (x, w, b, {"dilation": 0})),
+    ("padding", ValueError, lambda x, w, b: (x, w, b, {"padding": -1})),
+    ("padding", ValueError, lambda x, w, b: (x, w, b, {"padding": "full"})),
+    ("padding='same'", ValueError, lambda x, w, b: (x, w, b, {"padding": "same", "stride": 2})),
+    ("output size", ValueError, lambda x, w, b: (x, torch.randn(4, 1, 9, 3), b, {})),
+    ("output size", ValueError, lambda x, w, b: (x, w, b, {"dilation": 5})),
+    ("stride", TypeError, lambda x, w, b: (x, w, b, {"stride": 1.5})),
+]
+
+
+@pytest.mark.parametrize("name,exc,make", ERROR_CASES, ids=[f"{i}-{c[0]}" for i, c in
+                                                            enumerate(ERROR_CASES)])
+def test_bad_arguments_raise_clear_errors(name, exc, make):
+    x, w, b, kwargs = make(*_ok())
+    with pytest.raises(exc, match=name.split()[0].split("=")[0]):
+        convops.depthwise_conv2d(x, w, b, **kwargs)
+
+
+@requires_cuda
+def test_device_mismatch_is_caught():
+    x, w, b = _ok()
+    with pytest.raises(ValueError, match="weight"):
+        convops.depthwise_conv2d(x.cuda(), w, None)
+
+
+def test_direct_op_call_checks_in_cpp():
+    x, w, b = _ok()
+    with pytest.raises(RuntimeError, match="stride"):
+        torch.ops.convops.depthwise_conv2d(x, w, b, [0, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="weight"):
+        torch.ops.convops.depthwise_conv2d(x, torch.randn(3, 1, 3, 3), None, [1, 1], [0, 0],
+                                           [1, 1])
