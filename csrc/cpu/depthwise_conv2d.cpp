@@ -16,6 +16,7 @@
 
 #include "common/depthwise.h"
 #include "common/tensor_utils.h"
+#include "cpu/plane_kernels.h"
 #include "cpu/row_kernels.h"
 
 namespace convops {
@@ -31,35 +32,38 @@ Ranges column_ranges(const DepthwiseGeometry& g) {
   return r;
 }
 
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> filters_as(const scalar_t* w, const DepthwiseGeometry& g, bool flipped) {
+  const int64_t taps = g.kh * g.kw;
+  std::vector<acc_t> f(g.OC * taps);
+  for (int64_t oc = 0; oc < g.OC; ++oc)
+    for (int64_t t = 0; t < taps; ++t)
+      f[oc * taps + t] = static_cast<acc_t>(w[oc * taps + (flipped ? taps - 1 - t : t)]);
+  return f;
+}
+
+// One task per input plane: pad it once, then correlate it with each of its multiplier filters.
 template <typename scalar_t>
 void forward_nchw(const scalar_t* in, const scalar_t* w, const scalar_t* bias, scalar_t* out,
                   const DepthwiseGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Ranges cols = column_ranges(g);
-  at::parallel_for(0, g.N * g.OC, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> row(g.Wo);
+  const int64_t rows = round_up(g.Ho, kRows), cols = round_up(g.Wo, Vec<acc_t>::width);
+  const PlaneLayout L = plane_layout(rows, cols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw);
+  const std::vector<acc_t> filters = filters_as<acc_t>(w, g, false);
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> plane(L.size()), acc(rows * cols);
     for (int64_t p = begin; p < end; ++p) {
-      const int64_t n = p / g.OC, oc = p % g.OC, c = oc / g.multiplier;
-      const scalar_t* plane = in + (n * g.C + c) * g.H * g.W;
-      const scalar_t* filter = w + oc * g.kh * g.kw;
-      const acc_t b = bias ? static_cast<acc_t>(bias[oc]) : acc_t(0);
-      scalar_t* out_plane = out + p * g.Ho * g.Wo;
-      for (int64_t oh = 0; oh < g.Ho; ++oh) {
-        std::fill(row.begin(), row.end(), b);
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
-          if (ih < 0 || ih >= g.H) continue;
-          const scalar_t* in_row = plane + ih * g.W;
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const auto r = cols[kx];
-            if (r.first >= r.last) continue;
-            axpy(row.data() + r.first, static_cast<acc_t>(filter[ky * g.kw + kx]),
-                 in_row + conv_input_pos<int64_t>(r.first, kx, g.sw, g.pw, g.dw), g.sw,
-                 r.last - r.first);
-          }
-        }
-        scalar_t* out_row = out_plane + oh * g.Wo;
-        for (int64_t ow = 0; ow < g.Wo; ++ow) out_row[ow] = static_cast<scalar_t>(row[ow]);
+      const int64_t n = p / g.C, c = p % g.C;
+      fill_padded_plane(in + p * g.H * g.W, g.H, g.W, g.ph, g.pw, L, plane.data());
+      for (int64_t j = 0; j < g.multiplier; ++j) {
+        const int64_t oc = c * g.multiplier + j;
+        std::fill(acc.begin(), acc.end(), bias ? static_cast<acc_t>(bias[oc]) : acc_t(0));
+        correlate_plane(plane.data(), L, filters.data() + oc * g.kh * g.kw, g.kh, g.kw, g.sh,
+                        g.dh, g.dw, rows, cols, acc.data());
+        scalar_t* out_plane = out + (n * g.OC + oc) * g.Ho * g.Wo;
+        for (int64_t oh = 0; oh < g.Ho; ++oh)
+          for (int64_t ow = 0; ow < g.Wo; ++ow)
+            out_plane[oh * g.Wo + ow] = static_cast<scalar_t>(acc[oh * cols + ow]);
       }
     }
   });
@@ -98,6 +102,36 @@ void forward_nhwc(const scalar_t* in, const scalar_t* weight_t, const scalar_t* 
         scalar_t* out_px = out + ((n * g.Ho + oh) * g.Wo + ow) * g.OC;
         for (int64_t oc = 0; oc < g.OC; ++oc) out_px[oc] = static_cast<scalar_t>(acc[oc]);
       }
+    }
+  });
+}
+
+// Stride-1 input gradient: a correlation of each grad_out plane with the flipped filter
+// (padding (k-1)*d - p, possibly negative), summed over the multiplier channels.
+template <typename scalar_t>
+void input_grad_nchw_stride1(const scalar_t* grad_out, const scalar_t* w, scalar_t* grad_in,
+                             const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t rows = round_up(g.H, kRows), cols = round_up(g.W, Vec<acc_t>::width);
+  const PlaneLayout L = plane_layout(rows, cols, g.kh, g.kw, 1, 1, g.dh, g.dw);
+  const std::vector<acc_t> flipped = filters_as<acc_t>(w, g, true);
+  const int64_t top = (g.kh - 1) * g.dh - g.ph, left = (g.kw - 1) * g.dw - g.pw;
+  at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> plane(L.size()), acc(rows * cols);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / g.C, c = p % g.C;
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t j = 0; j < g.multiplier; ++j) {
+        const int64_t oc = c * g.multiplier + j;
+        fill_padded_plane(grad_out + (n * g.OC + oc) * g.Ho * g.Wo, g.Ho, g.Wo, top, left, L,
+                          plane.data());
+        correlate_plane(plane.data(), L, flipped.data() + oc * g.kh * g.kw, g.kh, g.kw, 1,
+                        g.dh, g.dw, rows, cols, acc.data());
+      }
+      scalar_t* gi_plane = grad_in + p * g.H * g.W;
+      for (int64_t ih = 0; ih < g.H; ++ih)
+        for (int64_t iw = 0; iw < g.W; ++iw)
+          gi_plane[ih * g.W + iw] = static_cast<scalar_t>(acc[ih * cols + iw]);
     }
   });
 }
@@ -174,38 +208,29 @@ void input_grad_nhwc(const scalar_t* grad_out, const scalar_t* weight_t, scalar_
   });
 }
 
-// Weight gradient, one output channel per task: every tap is a dot product of a grad_out row
-// with the input row it read, so each input row is reused from L1 for all kw taps.
+// Weight gradient, one output channel per task (a fixed summation order per channel): for
+// every image, pad the input plane once and take all k*k dot products against grad_out.
 template <typename scalar_t>
 void weight_grad_nchw(const scalar_t* grad_out, const scalar_t* in, scalar_t* grad_w,
                       const DepthwiseGeometry& g) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Ranges cols = column_ranges(g);
+  const int64_t cols = round_up(g.Wo, Vec<acc_t>::width);
+  const PlaneLayout L = plane_layout(g.Ho, cols, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw);
   const int64_t taps = g.kh * g.kw;
   at::parallel_for(0, g.OC, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(taps);
+    std::vector<acc_t> plane(L.size()), go(g.Ho * cols, acc_t(0)), acc(taps);
     for (int64_t oc = begin; oc < end; ++oc) {
       std::fill(acc.begin(), acc.end(), acc_t(0));
       const int64_t c = oc / g.multiplier;
       for (int64_t n = 0; n < g.N; ++n) {
+        fill_padded_plane(in + (n * g.C + c) * g.H * g.W, g.H, g.W, g.ph, g.pw, L,
+                          plane.data());
         const scalar_t* go_plane = grad_out + (n * g.OC + oc) * g.Ho * g.Wo;
-        const scalar_t* plane = in + (n * g.C + c) * g.H * g.W;
-        for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          const scalar_t* go_row = go_plane + oh * g.Wo;
-          for (int64_t ky = 0; ky < g.kh; ++ky) {
-            const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
-            if (ih < 0 || ih >= g.H) continue;
-            const scalar_t* in_row = plane + ih * g.W;
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const auto r = cols[kx];
-              if (r.first >= r.last) continue;
-              acc[ky * g.kw + kx] +=
-                  dot(go_row + r.first,
-                      in_row + conv_input_pos<int64_t>(r.first, kx, g.sw, g.pw, g.dw), g.sw,
-                      r.last - r.first);
-            }
-          }
-        }
+        for (int64_t oh = 0; oh < g.Ho; ++oh)
+          for (int64_t ow = 0; ow < g.Wo; ++ow)
+            go[oh * cols + ow] = static_cast<acc_t>(go_plane[oh * g.Wo + ow]);
+        correlate_taps(plane.data(), L, go.data(), g.Ho, cols, g.kh, g.kw, g.sh, g.dh, g.dw,
+                       acc.data());
       }
       for (int64_t t = 0; t < taps; ++t) grad_w[oc * taps + t] = static_cast<scalar_t>(acc[t]);
     }
@@ -317,7 +342,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
         const at::Tensor wt = w.view({g.OC, g.kh * g.kw}).t().contiguous();
         input_grad_nhwc<scalar_t>(gop, wt.const_data_ptr<scalar_t>(), gip, g);
       } else {
-        input_grad_nchw<scalar_t>(gop, w.const_data_ptr<scalar_t>(), gip, g);
+        if (g.sh == 1 && g.sw == 1)
+          input_grad_nchw_stride1<scalar_t>(gop, w.const_data_ptr<scalar_t>(), gip, g);
+        else
+          input_grad_nchw<scalar_t>(gop, w.const_data_ptr<scalar_t>(), gip, g);
       }
     }
     if (output_mask[1]) {
