@@ -1,0 +1,1 @@
+"""convops benchmark and profiling harness: `python -m bench --help`."""

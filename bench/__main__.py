@@ -1,0 +1,174 @@
+"""`python -m bench`: time convops against cuDNN/oneDNN (F.conv2d) and torchvision.
+
+Examples:
+  python -m bench --quick                       # a minute on a laptop CPU
+  python -m bench --device cuda --json r.json --markdown r.md --plot r.png
+  ncu --target-processes all python -m bench --case replknet-31x31-128@56 --once
+"""
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from . import cases as cases_mod
+from . import report
+from .metrics import PASSES
+from .runner import run_case
+from .timing import copy_bandwidth, matmul_flops
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--quick", action="store_true", help="few cases, fp32, NCHW, short timing")
+    p.add_argument("--suite", action="append", help="depthwise, dilated, deform (repeatable)")
+    p.add_argument("--case", action="append", help="run only these case names")
+    p.add_argument("--ops", "--pass", dest="passes", action="append", choices=PASSES,
+                   help="passes to time (default: all four)")
+    p.add_argument("--dtype", action="append", choices=list(DTYPES))
+    p.add_argument("--layout", action="append", choices=["nchw", "channels_last"])
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    p.add_argument("--once", action="store_true", help="run each selected call once (ncu)")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per case")
+    p.add_argument("--json", metavar="PATH")
+    p.add_argument("--markdown", metavar="PATH")
+    p.add_argument("--plot", metavar="PATH.png")
+    p.add_argument("--list", action="store_true", help="list the cases and exit")
+    return p.parse_args(argv)
+
+
+def _git_commit():
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"],
+                                       cwd=os.path.dirname(__file__),
+                                       stderr=subprocess.DEVNULL).decode().strip()
+    except Exception:
+        return None
+
+
+def _cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def metadata(device: str, quick: bool):
+    cuda = device == "cuda"
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name() if cuda else _cpu_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "driver": None,
+        "cpu": _cpu_name(),
+        "threads": torch.get_num_threads(),
+        "git_commit": _git_commit(),
+        "python": platform.python_version(),
+        "quick": quick,
+    }
+    if cuda:
+        try:
+            meta["driver"] = subprocess.check_output(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                stderr=subprocess.DEVNULL).decode().strip()
+        except Exception:
+            pass
+    return meta
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = True
+
+    selected = cases_mod.suites(device)
+    if args.suite:
+        selected = [c for c in selected if c.suite in args.suite]
+    if args.case:
+        unknown = set(args.case) - {c.name for c in selected}
+        if unknown:
+            sys.exit(f"unknown case(s): {', '.join(sorted(unknown))}; see --list")
+        selected = [c for c in selected if c.name in args.case]
+    elif args.quick:
+        selected = [c for c in selected if "quick" in c.tags]
+    if args.list:
+        for c in selected:
+            print(f"{c.suite:10s} {c.name:32s} N={c.N} C={c.C}->{c.OC} {c.H}x{c.W} k={c.k}")
+        return 0
+
+    default_dtypes = ["fp32"] if args.quick else (
+        ["fp32", "bf16"] if device == "cpu" else ["fp32", "fp16", "bf16"])
+    dtypes = [DTYPES[d] for d in (args.dtype or default_dtypes)]
+    layouts = args.layout or (["nchw"] if args.quick else ["nchw", "channels_last"])
+    passes = args.passes or (["fwd", "fwd_bwd"] if args.quick else list(PASSES))
+    settings = ({"warmup": 1, "repeats": 3, "min_seconds": 0.05} if args.quick else
+                {"warmup": 3, "repeats": 10 if device == "cuda" else 5,
+                 "min_seconds": 0.3 if device == "cuda" else 0.2})
+
+    meta = metadata(device, args.quick)
+    meta["copy_bandwidth_Bps"] = copy_bandwidth(device)
+    meta["matmul_flops"] = matmul_flops(device, torch.float32)
+    print(f"convops bench on {meta['device_name']} ({device}), torch {meta['torch']}, "
+          f"threads {meta['threads']}, copy bandwidth {meta['copy_bandwidth_Bps'] / 1e9:.1f} "
+          f"GB/s", flush=True)
+
+    jobs = [(c, dt, lay) for c in selected for dt in dtypes for lay in layouts]
+    try:
+        from tqdm import tqdm
+        progress = tqdm(jobs, desc="bench", unit="case", file=sys.stderr)
+    except ImportError:  # tqdm is optional
+        progress = jobs
+    rows = []
+    for case, dtype, layout in progress:
+        if hasattr(progress, "set_postfix_str"):
+            progress.set_postfix_str(f"{case.name} {str(dtype)[6:]} {layout}")
+        run = lambda: run_case(case, dtype, device, layout == "channels_last",  # noqa: E731
+                               passes, settings, once=args.once)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+            with torch.profiler.profile() as prof:
+                rows += run()
+            prof.export_chrome_trace(os.path.join(
+                args.profile, f"{case.name}-{str(dtype)[6:]}-{layout}.json"))
+        else:
+            rows += run()
+
+    print(report.text_table(rows, meta["copy_bandwidth_Bps"]))
+    for key, value in sorted(report.geomeans(rows).items()):
+        print(f"geomean {key}: {value:.2f}x")
+    if args.json:
+        report.write_json(args.json, rows, meta)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown_table(rows, meta))
+    if args.plot:
+        report.plot(args.plot, rows, meta)
+    wrong = [r for r in rows if r.get("status") in ("wrong", "error")]
+    if wrong:
+        print(f"{len(wrong)} row(s) failed the correctness gate or errored", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

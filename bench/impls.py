@@ -1,0 +1,95 @@
+"""The implementations a case is timed with. Each exposes the four passes over one shared set
+of tensors, so every implementation sees identical inputs."""
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import convops
+
+from .cases import Case
+
+PassFn = Callable[[Dict[str, torch.Tensor]], object]
+
+
+def make_tensors(case: Case, dtype, device, channels_last: bool, seed: int = 0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    kh, kw = case.k
+    ho, wo = case.out_hw
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    t = {
+        "x": rand(case.N, case.C, case.H, case.W).contiguous(memory_format=fmt),
+        "w": rand(case.OC, case.C // case.groups, kh, kw, scale=0.1),
+        "go": rand(case.N, case.OC, ho, wo).contiguous(memory_format=fmt),
+    }
+    if case.suite == "deform":
+        og = case.offset_groups
+        t["offset"] = rand(case.N, 2 * og * kh * kw, ho, wo, scale=2.0)
+        t["mask"] = torch.sigmoid(rand(case.N, og * kh * kw, ho, wo)) if case.mask else None
+    return t
+
+
+def _conv_args(case: Case):
+    return [case.stride] * 2, [case.padding] * 2, [case.dilation] * 2
+
+
+def _autograd_pass(forward, inputs: List[str]):
+    def run(t):
+        leaves = [t[k].detach().requires_grad_() for k in inputs]
+        out = forward(dict(t, **dict(zip(inputs, leaves))))
+        return torch.autograd.grad(out, leaves, t["go"])
+    return run
+
+
+def _aten_conv_impl(case: Case) -> Dict[str, PassFn]:
+    stride, padding, dilation = _conv_args(case)
+    groups = case.groups
+
+    def fwd(t):
+        return F.conv2d(t["x"], t["w"], None, stride, padding, dilation, groups)
+
+    def bwd(mask, index):
+        def run(t):
+            return torch.ops.aten.convolution_backward(
+                t["go"], t["x"], t["w"], None, stride, padding, dilation, False, [0, 0], groups,
+                mask)[index]
+        return run
+
+    return {"fwd": fwd, "bwd_input": bwd([True, False, False], 0),
+            "bwd_weight": bwd([False, True, False], 1),
+            "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
+
+
+def _convops_depthwise(case: Case) -> Dict[str, PassFn]:
+    stride, padding, dilation = _conv_args(case)
+
+    def fwd(t):
+        return convops.depthwise_conv2d(t["x"], t["w"], None, stride, padding, dilation)
+
+    def bwd(mask, index):
+        def run(t):
+            return torch.ops.convops.depthwise_conv2d_backward(t["go"], t["x"], t["w"], stride,
+                                                               padding, dilation, mask)[index]
+        return run
+
+    return {"fwd": fwd, "bwd_input": bwd([True, False, False], 0),
+            "bwd_weight": bwd([False, True, False], 1),
+            "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
+
+
+def implementations(case: Case) -> Dict[str, Dict[str, PassFn]]:
+    """convops first, then the baselines; the first baseline is the correctness reference."""
+    if case.suite == "depthwise":
+        return {"convops": _convops_depthwise(case), "torch": _aten_conv_impl(case)}
+    raise ValueError(f"unknown suite {case.suite}")
+
+
+# What each baseline is called in tables: on GPU aten's grouped conv is cuDNN, on CPU oneDNN.
+def baseline_label(name: str, device: str) -> str:
+    if name == "torch":
+        return "cudnn" if device == "cuda" else "onednn"
+    return name

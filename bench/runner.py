@@ -1,0 +1,121 @@
+"""Runs cases: correctness gate first, then timing of every implementation and pass."""
+import math
+from dataclasses import asdict
+from typing import Dict, List, Optional
+
+import torch
+
+from . import impls as impls_mod
+from .cases import Case
+from .metrics import pass_bytes, pass_flops
+from .timing import nvtx_range, time_fn
+
+# Loose, norm-wise tolerances for the gate (relative to max |reference|): the gate catches
+# broken kernels, the test suite checks precision.
+GATE_RTOL = {torch.float32: 1e-3, torch.float64: 1e-6, torch.float16: 3e-2,
+             torch.bfloat16: 5e-2}
+
+
+def _flatten(result) -> List[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for t in result if isinstance(t, torch.Tensor)]
+
+
+def outputs_match(ours, ref, dtype) -> Optional[str]:
+    """None when ours matches ref within the gate tolerance, else a short reason."""
+    a_list, b_list = _flatten(ours), _flatten(ref)
+    if len(a_list) != len(b_list):
+        return f"{len(a_list)} outputs vs {len(b_list)}"
+    for i, (a, b) in enumerate(zip(a_list, b_list)):
+        if a.shape != b.shape:
+            return f"output {i}: shape {tuple(a.shape)} vs {tuple(b.shape)}"
+        a64, b64 = a.detach().double(), b.detach().double()
+        if not torch.isfinite(a64).all():
+            return f"output {i}: non-finite values"
+        scale = b64.abs().max().item() if b64.numel() else 0.0
+        err = (a64 - b64).abs().max().item() if a64.numel() else 0.0
+        if err > GATE_RTOL[dtype] * max(scale, 1e-30):
+            return f"output {i}: max error {err:.3g} vs scale {scale:.3g}"
+    return None
+
+
+def _rotations(case_tensors, device: str):
+    """Copies of the inputs to rotate through so a case that fits in L2 is not timed hot."""
+    if device != "cuda":
+        return 1
+    size = sum(t.numel() * t.element_size() for t in case_tensors.values() if t is not None)
+    l2 = getattr(torch.cuda.get_device_properties(), "L2_cache_size", 50 << 20)
+    return max(1, min(8, math.ceil(2 * l2 / max(size, 1))))
+
+
+def _peak_extra_bytes(fn, device: str) -> Optional[int]:
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn(0)
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settings,
+             implementations: Optional[Dict] = None, once: bool = False) -> List[dict]:
+    impls = implementations or impls_mod.implementations(case)
+    names = list(impls)
+    tensors = impls_mod.make_tensors(case, dtype, device, channels_last)
+    rot = 1 if once else _rotations(tensors, device)
+    sets = [tensors] + [impls_mod.make_tensors(case, dtype, device, channels_last, seed=s)
+                        for s in range(1, rot)]
+    elem = torch.empty(0, dtype=dtype).element_size()
+    layout = "channels_last" if channels_last else "nchw"
+    rows = []
+    for pass_name in passes:
+        base = dict(case=case.name, suite=case.suite, pass_=pass_name,
+                    dtype=str(dtype).replace("torch.", ""), layout=layout, device=device,
+                    N=case.N, shape=asdict(case), bytes=pass_bytes(case, pass_name, elem),
+                    flops=pass_flops(case, pass_name),
+                    threads=torch.get_num_threads() if device == "cpu" else None)
+        # Correctness gate: convops against the first baseline, before anything is timed.
+        reference_name = names[1]
+        try:
+            ours = impls[names[0]][pass_name](tensors)
+            ref = impls[reference_name][pass_name](tensors)
+            problem = outputs_match(ours, ref, dtype)
+        except Exception as exc:  # a crash is reported, not timed
+            problem = f"error: {type(exc).__name__}: {exc}"[:300]
+        del_ours = None  # noqa: F841
+        group = []
+        for name in names:
+            row = dict(base, impl=impls_mod.baseline_label(name, device))
+            fn_pass = impls[name][pass_name]
+            if name == names[0] and problem is not None:
+                row.update(status="wrong", reason=problem)
+                group.append(row)
+                continue
+            fn = lambda i, f=fn_pass: f(sets[i % len(sets)])  # noqa: E731
+            try:
+                if once:
+                    with nvtx_range(f"{case.name}/{pass_name}/{name}", device == "cuda"):
+                        fn(0)
+                    row.update(status="ran-once")
+                else:
+                    median, spread, count = time_fn(
+                        fn, device, settings["warmup"], settings["repeats"],
+                        settings["min_seconds"], name=f"{case.name}/{pass_name}/{name}")
+                    row.update(status="ok", median_s=median, spread=spread, samples=count,
+                               gbps=row["bytes"] / median / 1e9,
+                               tflops=row["flops"] / median / 1e12,
+                               peak_extra_bytes=_peak_extra_bytes(fn, device))
+            except Exception as exc:
+                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+            group.append(row)
+        ours_row = group[0]
+        if ours_row.get("status") == "ok":
+            for other in group[1:]:
+                if other.get("status") == "ok":
+                    ours_row[f"speedup_vs_{other['impl']}"] = other["median_s"] / \
+                        ours_row["median_s"]
+        rows.extend(group)
+    return rows
