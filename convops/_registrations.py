@@ -57,3 +57,53 @@ def _depthwise_backward(ctx, grad_output):
 
 torch.library.register_autograd("convops::depthwise_conv2d", _depthwise_backward,
                                 setup_context=_depthwise_setup_context)
+
+
+# --- deform_conv2d ----------------------------------------------------------------------------
+
+@torch.library.register_fake("convops::deform_conv2d")
+def _deform_conv2d_fake(input, weight, offset, mask, bias, stride, padding, dilation):
+    ho, wo = output_size(input.shape[2:], weight.shape[2:], stride, _pad4(padding), dilation,
+                         "deform_conv2d")
+    return _empty_like_layout(input, (input.shape[0], weight.shape[0], ho, wo))
+
+
+@torch.library.register_fake("convops::deform_conv2d_backward")
+def _deform_conv2d_backward_fake(grad_output, input, weight, offset, mask, stride, padding,
+                                 dilation, output_mask):
+    def maybe(wanted, make, like):
+        return make() if wanted else like.new_empty(0)
+    return (
+        maybe(output_mask[0], lambda: _empty_like_layout(input, input.shape), input),
+        maybe(output_mask[1], lambda: torch.empty_like(weight,
+                                                       memory_format=torch.contiguous_format),
+              weight),
+        maybe(output_mask[2], lambda: torch.empty_like(offset,
+                                                       memory_format=torch.contiguous_format),
+              offset),
+        maybe(output_mask[3] and mask is not None,
+              lambda: torch.empty_like(mask, memory_format=torch.contiguous_format), offset),
+        maybe(output_mask[4], lambda: weight.new_empty(weight.shape[0]), weight),
+    )
+
+
+def _deform_setup_context(ctx, inputs, output):
+    input, weight, offset, mask, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(input, weight, offset, mask)
+    ctx.conv_args = (stride, padding, dilation)
+    ctx.has_mask = mask is not None
+    ctx.has_bias = bias is not None
+
+
+def _deform_backward(ctx, grad_output):
+    input, weight, offset, mask = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    output_mask = [need[0], need[1], need[2], ctx.has_mask and need[3], ctx.has_bias and need[4]]
+    grads = torch.ops.convops.deform_conv2d_backward(grad_output, input, weight, offset, mask,
+                                                     *ctx.conv_args, output_mask)
+    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask)) + \
+        (None, None, None)
+
+
+torch.library.register_autograd("convops::deform_conv2d", _deform_backward,
+                                setup_context=_deform_setup_context)

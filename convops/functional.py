@@ -39,3 +39,66 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor,
     _checks.output_size(input.shape[2:], kernel, stride, pad4, dilation, "depthwise_conv2d")
     return torch.ops.convops.depthwise_conv2d(input, weight, bias, list(stride),
                                               _checks.compact_padding(pad4), list(dilation))
+
+
+def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,
+                  bias: Optional[torch.Tensor] = None, stride=(1, 1), padding=(0, 0),
+                  dilation=(1, 1), mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Deformable convolution (DCNv1, or DCNv2 with ``mask``), with the signature and semantics
+    of ``torchvision.ops.deform_conv2d``.
+
+    input (N, C, H, W); offset (N, 2*og*kh*kw, Ho, Wo) holding (dy, dx) per kernel tap;
+    weight (OC, C/groups, kh, kw); mask (N, og*kh*kw, Ho, Wo) or None; bias (OC,) or None.
+    groups is inferred from the weight, the offset groups og from the offset.
+    """
+    what = "deform_conv2d"
+    for name, t in (("input", input), ("offset", offset), ("weight", weight)):
+        _checks.tensor(t, name)
+        _checks.dims(t, name, 4, {"input": "(N, C, H, W)", "offset": "(N, 2*og*kh*kw, Ho, Wo)",
+                                  "weight": "(OC, C/groups, kh, kw)"}[name])
+    if mask is not None:
+        _checks.tensor(mask, "mask")
+        _checks.dims(mask, "mask", 4, "(N, og*kh*kw, Ho, Wo)")
+    if bias is not None:
+        _checks.tensor(bias, "bias")
+    _checks.same_dtype_device(input, "input", offset=offset, weight=weight, mask=mask, bias=bias)
+    n, c = input.shape[:2]
+    oc, cpg, kh, kw = weight.shape
+    if cpg < 1 or c % cpg != 0:
+        raise ValueError(f"in_channels={c} is not divisible by weight.shape[1]={cpg}: "
+                         f"weight {tuple(weight.shape)} must be (OC, C/groups, kh, kw)")
+    groups = c // cpg
+    if oc < 1 or oc % groups != 0:
+        raise ValueError(f"weight.shape[0]={oc} (out_channels) is not divisible by "
+                         f"groups={groups} (weight {tuple(weight.shape)}, input "
+                         f"{tuple(input.shape)})")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"weight has an empty kernel: shape {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != oc):
+        raise ValueError(f"bias must have shape ({oc},), got {tuple(bias.shape)}")
+    stride = _checks.positive_pair(stride, "stride")
+    dilation = _checks.positive_pair(dilation, "dilation")
+    padding = _checks.pair(padding, "padding")
+    if padding[0] < 0 or padding[1] < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    pad4 = (padding[0], padding[1], padding[0], padding[1])
+    ho, wo = _checks.output_size(input.shape[2:], (kh, kw), stride, pad4, dilation, what)
+    taps = kh * kw
+    if offset.shape[1] < 1 or offset.shape[1] % (2 * taps) != 0:
+        raise ValueError(f"offset has {offset.shape[1]} channels; it must be 2*offset_groups*kh*kw "
+                         f"= a multiple of {2 * taps} (offset {tuple(offset.shape)}, kernel "
+                         f"{kh}x{kw})")
+    offset_groups = offset.shape[1] // (2 * taps)
+    if c % offset_groups != 0:
+        raise ValueError(f"in_channels={c} is not divisible by offset_groups={offset_groups} "
+                         f"(from offset {tuple(offset.shape)})")
+    if tuple(offset.shape[2:]) != (ho, wo) or offset.shape[0] != n:
+        raise ValueError(f"offset must be ({n}, {offset.shape[1]}, {ho}, {wo}) to match the "
+                         f"batch and output size, got {tuple(offset.shape)}")
+    if mask is not None:
+        expected = (n, offset_groups * taps, ho, wo)
+        if tuple(mask.shape) != expected:
+            raise ValueError(f"mask must be {expected} (offset_groups*kh*kw channels), got "
+                             f"{tuple(mask.shape)}")
+    return torch.ops.convops.deform_conv2d(input, weight, offset, mask, bias, list(stride),
+                                           list(padding), list(dilation))

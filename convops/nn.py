@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .functional import depthwise_conv2d
+from .functional import deform_conv2d, depthwise_conv2d
 
 
 def _init_conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -68,3 +68,109 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(input))
+
+
+class _DeformConvBase(nn.Module):
+    """Shared parameters of the deformable modules: weight (OC, C/groups, kh, kw), bias."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, deform_groups: int = 1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        if in_channels % groups != 0:
+            raise ValueError(f"in_channels={in_channels} must be divisible by groups={groups}")
+        if out_channels % groups != 0:
+            raise ValueError(f"out_channels={out_channels} must be divisible by groups={groups}")
+        if in_channels % deform_groups != 0:
+            raise ValueError(f"in_channels={in_channels} must be divisible by "
+                             f"deform_groups={deform_groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _checks.positive_pair(kernel_size, "kernel_size")
+        self.stride = _checks.positive_pair(stride, "stride")
+        self.padding = _checks.pair(padding, "padding")
+        self.dilation = _checks.positive_pair(dilation, "dilation")
+        self.groups = groups
+        self.deform_groups = deform_groups
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        _init_conv_params(self.weight, self.bias)
+
+    def _deform(self, input, offset, mask=None):
+        return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
+                             self.dilation, mask)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, deform_groups={self.deform_groups}, "
+                f"bias={self.bias is not None}")
+
+
+class DeformConv2d(_DeformConvBase):
+    """torchvision.ops.DeformConv2d's constructor, forward and state_dict (weight, bias)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, 1, bias, device, dtype)
+
+    def forward(self, input: torch.Tensor, offset: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._deform(input, offset, mask)
+
+
+class ModulatedDeformConv2d(_DeformConvBase):
+    """mmcv's ModulatedDeformConv2d (DCNv2): forward(x, offset, mask), same parameter names."""
+
+    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, offset, mask)
+
+
+def _zero_offset_conv(module, channels_per_tap: int, device, dtype) -> nn.Conv2d:
+    kh, kw = module.kernel_size
+    conv = nn.Conv2d(module.in_channels, module.deform_groups * channels_per_tap * kh * kw,
+                     module.kernel_size, module.stride, module.padding, module.dilation,
+                     bias=True, device=device, dtype=dtype)
+    # Zero-initialized, so a freshly built Pack module starts as a plain convolution.
+    nn.init.zeros_(conv.weight)
+    nn.init.zeros_(conv.bias)
+    return conv
+
+
+class DeformConv2dPack(_DeformConvBase):
+    """mmcv's DeformConv2dPack: predicts its own offsets with ``conv_offset`` (2*dg*kh*kw
+    channels, zero-initialized). Defaults follow mmcv (bias=False)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, deform_groups: int = 1, bias: bool = False,
+                 device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, deform_groups, bias, device, dtype)
+        self.conv_offset = _zero_offset_conv(self, 2, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._deform(x, self.conv_offset(x))
+
+
+class ModulatedDeformConv2dPack(_DeformConvBase):
+    """mmcv's ModulatedDeformConv2dPack (DCNv2): ``conv_offset`` predicts 3*dg*kh*kw channels;
+    the first 2*dg*kh*kw are the offsets, the sigmoid of the rest the mask."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, deform_groups: int = 1, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation,
+                         groups, deform_groups, bias, device, dtype)
+        self.conv_offset = _zero_offset_conv(self, 3, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv_offset(x)
+        split = 2 * self.deform_groups * self.kernel_size[0] * self.kernel_size[1]
+        offset, mask = out[:, :split], torch.sigmoid(out[:, split:])
+        return self._deform(x, offset, mask)

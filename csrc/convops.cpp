@@ -23,6 +23,14 @@ TORCH_LIBRARY(convops, m) {
   m.def("depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
         "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+  // groups and offset_groups are inferred: C / weight.size(1) and offset.size(1) / (2*kh*kw).
+  m.def("deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
+        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+  // Returns (grad_input, grad_weight, grad_offset, grad_mask, grad_bias); an output whose
+  // mask entry is false (or grad_mask without a mask) is an empty tensor.
+  m.def("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+        "Tensor offset, Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, "
+        "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifdef CONVOPS_BUILD_PYTHON

@@ -1,0 +1,134 @@
+// The CPU "gather, then multiply by the weight matrix" engine shared by deformable and dilated
+// convolution. A sampler says, for (offset group, tap, output pixel), where the input is read
+// (a Sample: up to four weighted neighbours) and with what modulation; the engine does the rest:
+//
+//   forward      cols[c*K + tap][p] = m * sample(input[c])          (im2col through the sampler)
+//                out[g]             = W[g] (OCg x Cg*K) @ cols[g]    (at::mm, MKL/oneDNN)
+//   grad weight  dW[g]             += grad_out[g] @ cols[g]^T
+//   grad cols    dcols[g]           = W[g]^T @ grad_out[g]
+//   grad input   scatter dcols through the same samples; one task per input channel, so no two
+//                threads touch the same element and the order is fixed (deterministic)
+//
+// Work is done per image in chunks of output pixels whose column buffer holds at most
+// kColumnBudget elements (C*K rows x chunk pixels), so extra memory does not grow with N.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/bilinear.h"
+#include "common/deform.h"
+
+namespace convops {
+namespace cpu {
+
+// 4 Mi elements: 16 MiB of fp32 columns (plus the same again for their gradient in backward).
+constexpr int64_t kColumnBudget = int64_t(1) << 22;
+
+inline int64_t chunk_pixels(const DeformGeometry& g) {
+  const int64_t rows = g.C * g.taps();
+  return std::max<int64_t>(1, std::min<int64_t>(g.Ho * g.Wo, kColumnBudget / rows));
+}
+
+// Strided access to one image of an (N, C, H, W) tensor, whatever its layout.
+template <typename scalar_t>
+struct PlaneView {
+  const scalar_t* data;
+  int64_t sc, sy, sx;
+  const scalar_t* plane(int64_t c) const { return data + c * sc; }
+  scalar_t at(int64_t c, int64_t y, int64_t x) const { return data[c * sc + y * sy + x * sx]; }
+};
+
+template <typename scalar_t>
+PlaneView<scalar_t> image_view(const at::Tensor& t, int64_t n) {
+  return {t.const_data_ptr<scalar_t>() + n * t.stride(0), t.stride(1), t.stride(2),
+          t.stride(3)};
+}
+
+// Samples of one chunk: index ((og * K + tap) * P + p).
+template <typename acc_t>
+struct ChunkSamples {
+  std::vector<Sample<acc_t, int64_t>> samples;
+  std::vector<acc_t> modulation;
+  int64_t P = 0;
+  const Sample<acc_t, int64_t>& at(int64_t og, int64_t tap, int64_t K, int64_t p) const {
+    return samples[(og * K + tap) * P + p];
+  }
+  acc_t mod(int64_t og, int64_t tap, int64_t K, int64_t p) const {
+    return modulation[(og * K + tap) * P + p];
+  }
+};
+
+template <typename acc_t, typename Sampler>
+void gather_samples(const Sampler& sampler, const DeformGeometry& g, int64_t p0, int64_t P,
+                    ChunkSamples<acc_t>& out) {
+  const int64_t K = g.taps();
+  out.P = P;
+  out.samples.resize(g.offset_groups * K * P);
+  out.modulation.resize(g.offset_groups * K * P);
+  at::parallel_for(0, g.offset_groups * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t og = row / K, tap = row % K;
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t pix = p0 + p;
+        out.samples[row * P + p] =
+            sampler.sample(og, tap, pix / g.Wo, pix % g.Wo, &out.modulation[row * P + p]);
+      }
+    }
+  });
+}
+
+// cols (C*K x P, contiguous) = modulation * sampled input.
+template <typename acc_t, typename scalar_t>
+void im2col(const PlaneView<scalar_t>& x, const ChunkSamples<acc_t>& s, const DeformGeometry& g,
+            acc_t* cols) {
+  const int64_t K = g.taps(), P = s.P, cpo = g.channels_per_offset_group();
+  at::parallel_for(0, g.C * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row / K, tap = row % K, og = c / cpo;
+      const scalar_t* plane = x.plane(c);
+      acc_t* dst = cols + row * P;
+      for (int64_t p = 0; p < P; ++p)
+        dst[p] = s.mod(og, tap, K, p) *
+                 sample_value<acc_t, scalar_t, int64_t>(plane, x.sy, x.sx, s.at(og, tap, K, p));
+    }
+  });
+}
+
+// grad_in_acc (C x H x W, contiguous) += scatter of dcols through the samples.
+template <typename acc_t>
+void col2im(const acc_t* dcols, const ChunkSamples<acc_t>& s, const DeformGeometry& g,
+            acc_t* grad_in_acc) {
+  const int64_t K = g.taps(), P = s.P, cpo = g.channels_per_offset_group();
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t og = c / cpo;
+      acc_t* plane = grad_in_acc + c * g.H * g.W;
+      for (int64_t tap = 0; tap < K; ++tap) {
+        const acc_t* d = dcols + (c * K + tap) * P;
+        for (int64_t p = 0; p < P; ++p) {
+          const auto& smp = s.at(og, tap, K, p);
+          if (!smp.inside) continue;
+          const acc_t v = d[p] * s.mod(og, tap, K, p);
+          acc_t* q = plane + smp.y0 * g.W + smp.x0;
+          if (smp.w00 != acc_t(0)) q[0] += v * smp.w00;
+          if (smp.w01 != acc_t(0)) q[1] += v * smp.w01;
+          if (smp.w10 != acc_t(0)) q[g.W] += v * smp.w10;
+          if (smp.w11 != acc_t(0)) q[g.W + 1] += v * smp.w11;
+        }
+      }
+    }
+  });
+}
+
+// A 2-D at::Tensor over a raw buffer (no copy), for at::mm.
+inline at::Tensor wrap(void* data, int64_t rows, int64_t cols, at::ScalarType dtype) {
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(dtype));
+}
+
+}  // namespace cpu
+}  // namespace convops
