@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include "common/bilinear.h"
 #include "common/conv_geometry.h"
 #include "common/depthwise.h"
 
@@ -89,6 +90,66 @@ inline DeformGeometry deform_geometry(const at::Tensor& input, const at::Tensor&
                 "convops.deform_conv2d: bias must be (", g.OC, ",), got ", bias->sizes());
   }
   return g;
+}
+
+// Where tap `tap` of offset group `og` samples for output pixel (oh, ow), and its modulation.
+// Offsets and mask are read through strides, so any layout works without a copy. Both
+// backends call this; it is the only place the offset/mask channel layout is spelled out.
+template <typename acc_t, typename scalar_t, typename index_t>
+struct DeformSampler {
+  const scalar_t* offset;  // image n
+  index_t off_sc, off_sy, off_sx;
+  const scalar_t* mask;    // image n, or nullptr
+  index_t mask_sc, mask_sy, mask_sx;
+  index_t H, W, kh, kw, sh, sw, ph, pw, dh, dw;
+
+  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t og, index_t tap, index_t oh,
+                                                   index_t ow, acc_t* modulation) const {
+    const index_t ky = tap / kw, kx = tap % kw, ch = (og * kh * kw + tap) * 2;
+    const index_t at = oh * off_sy + ow * off_sx;
+    const acc_t dy = static_cast<acc_t>(offset[ch * off_sc + at]);
+    const acc_t dx = static_cast<acc_t>(offset[(ch + 1) * off_sc + at]);
+    *modulation = mask != nullptr
+                      ? static_cast<acc_t>(
+                            mask[(og * kh * kw + tap) * mask_sc + oh * mask_sy + ow * mask_sx])
+                      : acc_t(1);
+    const acc_t y = static_cast<acc_t>(conv_input_pos<index_t>(oh, ky, sh, ph, dh)) + dy;
+    const acc_t x = static_cast<acc_t>(conv_input_pos<index_t>(ow, kx, sw, pw, dw)) + dx;
+    return bilinear_sample<acc_t, index_t>(y, x, H, W);
+  }
+};
+
+template <typename acc_t, typename scalar_t>
+DeformSampler<acc_t, scalar_t, int64_t> deform_sampler(const at::Tensor& offset,
+                                                       const c10::optional<at::Tensor>& mask,
+                                                       int64_t n, const DeformGeometry& g) {
+  DeformSampler<acc_t, scalar_t, int64_t> s;
+  s.offset = offset.const_data_ptr<scalar_t>() + n * offset.stride(0);
+  s.off_sc = offset.stride(1); s.off_sy = offset.stride(2); s.off_sx = offset.stride(3);
+  s.mask = nullptr;
+  s.mask_sc = s.mask_sy = s.mask_sx = 0;
+  if (g.has_mask) {
+    s.mask = mask->const_data_ptr<scalar_t>() + n * mask->stride(0);
+    s.mask_sc = mask->stride(1); s.mask_sy = mask->stride(2); s.mask_sx = mask->stride(3);
+  }
+  s.H = g.H; s.W = g.W; s.kh = g.kh; s.kw = g.kw; s.sh = g.sh; s.sw = g.sw;
+  s.ph = g.ph; s.pw = g.pw; s.dh = g.dh; s.dw = g.dw;
+  return s;
+}
+
+// d(loss)/d(offset_y, offset_x, mask) of one sample from the columns' gradient d, summed over
+// the channels of its offset group by the caller: the per-channel term.
+template <typename acc_t, typename scalar_t, typename index_t>
+HOST_DEVICE_INLINE void deform_sample_grad_term(const scalar_t* plane, index_t sy, index_t sx,
+                                                index_t H, index_t W,
+                                                const Sample<acc_t, index_t>& smp, acc_t d,
+                                                acc_t* gy, acc_t* gx, acc_t* gm) {
+  const auto c = corner_values_for_grad<acc_t, scalar_t, index_t>(plane, sy, sx, H, W, smp);
+  acc_t dy, dx;
+  sample_coordinate_grad(c, smp, &dy, &dx);
+  *gy += d * dy;
+  *gx += d * dx;
+  *gm += d * (smp.w00 * c.v00 + smp.w01 * c.v01 + smp.w10 * c.v10 + smp.w11 * c.v11);
 }
 
 }  // namespace convops

@@ -15,34 +15,6 @@ namespace convops {
 namespace cpu {
 namespace {
 
-template <typename acc_t, typename scalar_t>
-struct BilinearSampler {
-  PlaneView<scalar_t> offset;
-  PlaneView<scalar_t> mask;  // data == nullptr: no mask
-  const DeformGeometry& g;
-
-  Sample<acc_t, int64_t> sample(int64_t og, int64_t tap, int64_t oh, int64_t ow,
-                                acc_t* modulation) const {
-    const int64_t ky = tap / g.kw, kx = tap % g.kw, ch = (og * g.taps() + tap) * 2;
-    const acc_t dy = static_cast<acc_t>(offset.at(ch, oh, ow));
-    const acc_t dx = static_cast<acc_t>(offset.at(ch + 1, oh, ow));
-    *modulation =
-        mask.data ? static_cast<acc_t>(mask.at(og * g.taps() + tap, oh, ow)) : acc_t(1);
-    const acc_t y = static_cast<acc_t>(conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh)) + dy;
-    const acc_t x = static_cast<acc_t>(conv_input_pos<int64_t>(ow, kx, g.sw, g.pw, g.dw)) + dx;
-    return bilinear_sample<acc_t, int64_t>(y, x, g.H, g.W);
-  }
-};
-
-template <typename acc_t, typename scalar_t>
-BilinearSampler<acc_t, scalar_t> make_sampler(const at::Tensor& offset,
-                                              const c10::optional<at::Tensor>& mask, int64_t n,
-                                              const DeformGeometry& g) {
-  PlaneView<scalar_t> m{nullptr, 0, 0, 0};
-  if (g.has_mask) m = image_view<scalar_t>(*mask, n);
-  return {image_view<scalar_t>(offset, n), m, g};
-}
-
 // grad_offset / grad_mask for one chunk, written into contiguous (N, ., Ho, Wo) outputs.
 template <typename acc_t, typename scalar_t>
 void offset_mask_grads(const PlaneView<scalar_t>& x, const acc_t* dcols,
@@ -57,15 +29,9 @@ void offset_mask_grads(const PlaneView<scalar_t>& x, const acc_t* dcols,
         acc_t gy = 0, gx = 0, gm = 0;
         if (smp.inside) {
           for (int64_t c = og * cpo; c < (og + 1) * cpo; ++c) {
-            const acc_t d = dcols[(c * K + tap) * P + p];
-            const auto corners = corner_values_for_grad<acc_t, scalar_t, int64_t>(
-                x.plane(c), x.sy, x.sx, g.H, g.W, smp);
-            acc_t dy, dx;
-            sample_coordinate_grad(corners, smp, &dy, &dx);
-            gy += d * dy;
-            gx += d * dx;
-            gm += d * (smp.w00 * corners.v00 + smp.w01 * corners.v01 +
-                       smp.w10 * corners.v10 + smp.w11 * corners.v11);
+            deform_sample_grad_term<acc_t, scalar_t, int64_t>(
+                x.plane(c), x.sy, x.sx, g.H, g.W, smp, dcols[(c * K + tap) * P + p], &gy, &gx,
+                &gm);
           }
         }
         const acc_t m = s.mod(og, tap, K, p);
@@ -101,7 +67,7 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
     ChunkSamples<acc_t> samples;
     for (int64_t n = 0; n < g.N; ++n) {
       const auto x = image_view<scalar_t>(input, n);
-      const auto sampler = make_sampler<acc_t, scalar_t>(offset, mask, n, g);
+      const auto sampler = deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
       const at::Tensor out_n = out[n].view({g.OC, g.Ho * g.Wo});
       for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
         const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
@@ -166,7 +132,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     std::vector<scalar_t> scratch_offset, scratch_mask;
     for (int64_t n = 0; n < g.N; ++n) {
       const auto x = image_view<scalar_t>(input, n);
-      const auto sampler = make_sampler<acc_t, scalar_t>(offset, mask, n, g);
+      const auto sampler = deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
       const at::Tensor go_n = grad_output[n].reshape({g.OC, g.Ho * g.Wo});
       std::fill(gi_acc.begin(), gi_acc.end(), acc_t(0));
       for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
