@@ -6,6 +6,7 @@ Examples:
   ncu --target-processes all python -m bench --case replknet-31x31-128@56 --once
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -17,7 +18,7 @@ import torch
 from . import cases as cases_mod
 from . import report
 from .metrics import PASSES
-from .runner import run_case
+from .runner import fix_malloc_threshold, run_case
 from .timing import copy_bandwidth, matmul_flops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -34,6 +35,7 @@ def parse_args(argv=None):
                    help="passes to time (default: all four)")
     p.add_argument("--dtype", action="append", choices=list(DTYPES))
     p.add_argument("--layout", action="append", choices=["nchw", "channels_last"])
+    p.add_argument("--batch", type=int, help="override every case's N (memory scaling runs)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     p.add_argument("--once", action="store_true", help="run each selected call once (ncu)")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per case")
@@ -100,6 +102,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
+    if device == "cpu":
+        fix_malloc_threshold()
 
     selected = cases_mod.suites(device)
     if args.suite:
@@ -111,6 +115,8 @@ def main(argv=None):
         selected = [c for c in selected if c.name in args.case]
     elif args.quick:
         selected = [c for c in selected if "quick" in c.tags]
+    if args.batch:
+        selected = [dataclasses.replace(c, N=args.batch) for c in selected]
     if args.list:
         for c in selected:
             print(f"{c.suite:10s} {c.name:32s} N={c.N} C={c.C}->{c.OC} {c.H}x{c.W} k={c.k}")

@@ -47,6 +47,18 @@ GPU_CASES: List[Case] = [
     _dw("dilated-dw-3x3-d4-256@64", 64, 256, 64, 3, dilation=4),
 ]
 
+
+def _dcn(name, N, C, H, groups=1, tags=()):
+    return Case(name, "deform", N, C, H, H, C, (3, 3), 1, 1, 1, groups=groups, offset_groups=1,
+                mask=True, tags=tags)
+
+
+GPU_CASES += [
+    _dcn("r50-dcn-256@64", 8, 256, 64, tags=("quick",)),
+    _dcn("r50-dcn-512@32", 8, 512, 32),
+    _dcn("dw-dcn-256@64", 8, 256, 64, groups=256),
+]
+
 # CPU batch sizes: small enough for 2 cores, large enough that threading is exercised.
 _CPU_BATCH = {"depthwise": 4, "dilated": 1, "deform": 1}
 

@@ -81,10 +81,67 @@ def _convops_depthwise(case: Case) -> Dict[str, PassFn]:
             "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
 
 
+def _deform_impl(case: Case, fn, backward_op) -> Dict[str, PassFn]:
+    stride, padding, dilation = _conv_args(case)
+
+    def fwd(t):
+        return fn(t["x"], t["offset"], t["w"], None, stride, padding, dilation, t["mask"])
+
+    def bwd(index):
+        def run(t):
+            return backward_op(t, stride, padding, dilation)[index]
+        return run
+
+    return {"fwd": fwd, "bwd_input": bwd(0), "bwd_weight": bwd(1),
+            "fwd_bwd": _autograd_pass(fwd, ["x", "w", "offset"] +
+                                      (["mask"] if case.mask else []))}
+
+
+def _convops_deform(case: Case):
+    def backward(t, stride, padding, dilation):
+        # bwd_input computes what the input side of backward needs: input, offset and mask
+        # gradients (they share the column gradient); bwd_weight only the weight gradient.
+        gi, gw, goff, gm, _ = torch.ops.convops.deform_conv2d_backward(
+            t["go"], t["x"], t["w"], t["offset"], t["mask"], stride, padding, dilation,
+            [True, True, True, True, False])
+        return gi, gw
+    impl = _deform_impl(case, convops.deform_conv2d, backward)
+
+    def bwd_mask(mask, index):
+        def run(t):
+            stride, padding, dilation = _conv_args(case)
+            return torch.ops.convops.deform_conv2d_backward(
+                t["go"], t["x"], t["w"], t["offset"], t["mask"], stride, padding, dilation,
+                mask)[index]
+        return run
+    impl["bwd_input"] = bwd_mask([True, False, True, True, False], 0)
+    impl["bwd_weight"] = bwd_mask([False, True, False, False, False], 1)
+    return impl
+
+
+def _torchvision_deform(case: Case):
+    import torchvision
+
+    def backward(t, stride, padding, dilation):
+        # torchvision has no per-gradient backward: its one backward op computes them all.
+        use_mask = t["mask"] is not None
+        mask = t["mask"] if use_mask else torch.zeros_like(t["offset"][:, ::2])
+        bias = torch.zeros(t["w"].shape[0], dtype=t["w"].dtype, device=t["w"].device)
+        gi, gw, goff, gm, gb = torch.ops.torchvision._deform_conv2d_backward(
+            t["go"], t["x"], t["w"], t["offset"], mask, bias, stride[0], stride[1], padding[0],
+            padding[1], dilation[0], dilation[1], case.groups, case.offset_groups, use_mask)
+        return gi, gw
+    return _deform_impl(case, torchvision.ops.deform_conv2d, backward)
+
+
 def implementations(case: Case) -> Dict[str, Dict[str, PassFn]]:
     """convops first, then the baselines; the first baseline is the correctness reference."""
     if case.suite == "depthwise":
         return {"convops": _convops_depthwise(case), "torch": _aten_conv_impl(case)}
+    if case.suite == "deform":
+        # "conv2d" is a regular convolution of the same shape: the floor a DCN layer sits on.
+        return {"convops": _convops_deform(case), "torchvision": _torchvision_deform(case),
+                "conv2d": _aten_conv_impl(case)}
     raise ValueError(f"unknown suite {case.suite}")
 
 
@@ -92,4 +149,6 @@ def implementations(case: Case) -> Dict[str, Dict[str, PassFn]]:
 def baseline_label(name: str, device: str) -> str:
     if name == "torch":
         return "cudnn" if device == "cuda" else "onednn"
+    if name == "conv2d":
+        return "conv2d-floor"
     return name

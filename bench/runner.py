@@ -49,9 +49,44 @@ def _rotations(case_tensors, device: str):
     return max(1, min(8, math.ceil(2 * l2 / max(size, 1))))
 
 
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def fix_malloc_threshold() -> None:
+    """Make glibc serve every large allocation with mmap (and return it on free), so the CPU
+    peak-RSS measurement sees each call's buffers instead of memory recycled from the heap."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 def _peak_extra_bytes(fn, device: str) -> Optional[int]:
+    """Peak memory a call adds on top of what was live before it (outputs included).
+
+    CUDA: the caching allocator's peak. CPU: the process's peak resident set, reset through
+    /proc/self/clear_refs (Linux), so buffers from malloc/new count too; None elsewhere."""
     if device != "cuda":
-        return None
+        before = _rss_kib("VmRSS")
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            return None
+        fn(0)
+        peak = _rss_kib("VmHWM")
+        return None if before is None or peak is None else max(0, peak - before) * 1024
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -81,11 +116,16 @@ def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settin
         reference_name = names[1]
         try:
             ours = impls[names[0]][pass_name](tensors)
-            ref = impls[reference_name][pass_name](tensors)
+            try:
+                ref = impls[reference_name][pass_name](tensors)
+            except (RuntimeError, NotImplementedError):
+                # The baseline lacks this dtype (torchvision has no bf16): check against it in
+                # float32 on the same values instead.
+                upcast = {k: (v.float() if v is not None else None) for k, v in tensors.items()}
+                ref = impls[reference_name][pass_name](upcast)
             problem = outputs_match(ours, ref, dtype)
         except Exception as exc:  # a crash is reported, not timed
             problem = f"error: {type(exc).__name__}: {exc}"[:300]
-        del_ours = None  # noqa: F841
         group = []
         for name in names:
             row = dict(base, impl=impls_mod.baseline_label(name, device))
