@@ -19,44 +19,46 @@ def _empty_like_layout(ref: torch.Tensor, shape):
                        memory_format=suggest_memory_format(ref))
 
 
-# --- depthwise_conv2d -------------------------------------------------------------------------
+# --- depthwise_conv2d and dilated_conv2d (same signatures) -----------------------------------
 
-@torch.library.register_fake("convops::depthwise_conv2d")
-def _depthwise_conv2d_fake(input, weight, bias, stride, padding, dilation):
-    ho, wo = output_size(input.shape[2:], weight.shape[2:], stride, _pad4(padding), dilation,
-                         "depthwise_conv2d")
-    return _empty_like_layout(input, (input.shape[0], weight.shape[0], ho, wo))
+def _register_conv(name: str):
+    forward_op = getattr(torch.ops.convops, name)
+    backward_op = getattr(torch.ops.convops, name + "_backward")
+
+    @torch.library.register_fake(f"convops::{name}")
+    def _fake(input, weight, bias, stride, padding, dilation):
+        ho, wo = output_size(input.shape[2:], weight.shape[2:], stride, _pad4(padding),
+                             dilation, name)
+        return _empty_like_layout(input, (input.shape[0], weight.shape[0], ho, wo))
+
+    @torch.library.register_fake(f"convops::{name}_backward")
+    def _backward_fake(grad_output, input, weight, stride, padding, dilation, output_mask):
+        grad_input = _empty_like_layout(input, input.shape) if output_mask[0] \
+            else input.new_empty(0)
+        grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) \
+            if output_mask[1] else weight.new_empty(0)
+        grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
+        return grad_input, grad_weight, grad_bias
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, stride, padding, dilation = inputs
+        ctx.save_for_backward(input, weight)
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+
+    def _backward(ctx, grad_output):
+        input, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        grads = backward_op(grad_output, input, weight, *ctx.conv_args, mask)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
+
+    torch.library.register_autograd(f"convops::{name}", _backward, setup_context=_setup_context)
+    return forward_op
 
 
-@torch.library.register_fake("convops::depthwise_conv2d_backward")
-def _depthwise_conv2d_backward_fake(grad_output, input, weight, stride, padding, dilation,
-                                    output_mask):
-    grad_input = _empty_like_layout(input, input.shape) if output_mask[0] else input.new_empty(0)
-    grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) \
-        if output_mask[1] else weight.new_empty(0)
-    grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
-    return grad_input, grad_weight, grad_bias
-
-
-def _depthwise_setup_context(ctx, inputs, output):
-    input, weight, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, weight)
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.has_bias = bias is not None
-
-
-def _depthwise_backward(ctx, grad_output):
-    input, weight = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-            ctx.has_bias and ctx.needs_input_grad[2]]
-    grad_input, grad_weight, grad_bias = torch.ops.convops.depthwise_conv2d_backward(
-        grad_output, input, weight, *ctx.conv_args, mask)
-    return (grad_input if mask[0] else None, grad_weight if mask[1] else None,
-            grad_bias if mask[2] else None, None, None, None)
-
-
-torch.library.register_autograd("convops::depthwise_conv2d", _depthwise_backward,
-                                setup_context=_depthwise_setup_context)
+_register_conv("depthwise_conv2d")
+_register_conv("dilated_conv2d")
 
 
 # --- deform_conv2d ----------------------------------------------------------------------------

@@ -6,6 +6,26 @@ import torch
 from . import _checks
 
 
+def _conv_common(input, weight, bias, stride, padding, dilation, weight_layout: str):
+    """Checks shared by the dense-style ops; returns (stride, dilation, pad4)."""
+    _checks.tensor(input, "input")
+    _checks.tensor(weight, "weight")
+    if bias is not None:
+        _checks.tensor(bias, "bias")
+    _checks.dims(input, "input", 4, "(N, C, H, W)")
+    _checks.dims(weight, "weight", 4, weight_layout)
+    _checks.same_dtype_device(input, "input", weight=weight, bias=bias)
+    kernel = (weight.shape[2], weight.shape[3])
+    if kernel[0] < 1 or kernel[1] < 1:
+        raise ValueError(f"weight has an empty kernel: shape {tuple(weight.shape)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    stride = _checks.positive_pair(stride, "stride")
+    dilation = _checks.positive_pair(dilation, "dilation")
+    pad4 = _checks.padding4(padding, kernel, stride, dilation)
+    return stride, dilation, pad4
+
+
 def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor,
                      bias: Optional[torch.Tensor] = None, stride=1, padding=0,
                      dilation=1) -> torch.Tensor:
@@ -16,29 +36,44 @@ def depthwise_conv2d(input: torch.Tensor, weight: torch.Tensor,
     weight: (C * m, 1, kh, kw) for a channel multiplier m >= 1. bias: (C * m,) or None.
     stride, dilation: int or pair. padding: int, pair, 'same' (stride 1) or 'valid'.
     """
-    _checks.tensor(input, "input")
-    _checks.tensor(weight, "weight")
-    if bias is not None:
-        _checks.tensor(bias, "bias")
-    _checks.dims(input, "input", 4, "(N, C, H, W)")
-    _checks.dims(weight, "weight", 4, "(C*m, 1, kh, kw)")
-    _checks.same_dtype_device(input, "input", weight=weight, bias=bias)
+    what = "depthwise_conv2d"
+    stride, dilation, pad4 = _conv_common(input, weight, bias, stride, padding, dilation,
+                                          "(C*m, 1, kh, kw)")
     channels = input.shape[1]
     if channels < 1 or weight.shape[1] != 1 or weight.shape[0] < 1 or \
             weight.shape[0] % channels != 0:
         raise ValueError(f"weight must be (C*m, 1, kh, kw) with C={channels} input channels and "
                          f"m >= 1, got shape {tuple(weight.shape)}")
-    kernel = (weight.shape[2], weight.shape[3])
-    if kernel[0] < 1 or kernel[1] < 1:
-        raise ValueError(f"weight has an empty kernel: shape {tuple(weight.shape)}")
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
-        raise ValueError(f"bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    stride = _checks.positive_pair(stride, "stride")
-    dilation = _checks.positive_pair(dilation, "dilation")
-    pad4 = _checks.padding4(padding, kernel, stride, dilation)
-    _checks.output_size(input.shape[2:], kernel, stride, pad4, dilation, "depthwise_conv2d")
+    _checks.output_size(input.shape[2:], weight.shape[2:], stride, pad4, dilation, what)
     return torch.ops.convops.depthwise_conv2d(input, weight, bias, list(stride),
                                               _checks.compact_padding(pad4), list(dilation))
+
+
+def dilated_conv2d(input: torch.Tensor, weight: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None, stride=1, padding=0, dilation=1,
+                   groups: int = 1) -> torch.Tensor:
+    """Dilated (atrous) 2-D convolution with convops's own kernels; the semantics of
+    ``F.conv2d(input, weight, bias, stride, padding, dilation, groups)``.
+
+    weight: (OC, C/groups, kh, kw); padding: int, pair, 'same' (stride 1) or 'valid'.
+    """
+    what = "dilated_conv2d"
+    stride, dilation, pad4 = _conv_common(input, weight, bias, stride, padding, dilation,
+                                          "(OC, C/groups, kh, kw)")
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be a positive int, got {groups!r}")
+    channels, oc = input.shape[1], weight.shape[0]
+    if channels % groups != 0:
+        raise ValueError(f"in_channels={channels} is not divisible by groups={groups}")
+    if oc < 1 or oc % groups != 0:
+        raise ValueError(f"weight.shape[0]={oc} (out_channels) is not divisible by "
+                         f"groups={groups}")
+    if weight.shape[1] != channels // groups:
+        raise ValueError(f"weight must be (OC, C/groups, kh, kw) = ({oc}, {channels // groups}, "
+                         f"kh, kw) for C={channels}, groups={groups}; got {tuple(weight.shape)}")
+    _checks.output_size(input.shape[2:], weight.shape[2:], stride, pad4, dilation, what)
+    return torch.ops.convops.dilated_conv2d(input, weight, bias, list(stride),
+                                            _checks.compact_padding(pad4), list(dilation))
 
 
 def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tensor,

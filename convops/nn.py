@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import _checks
-from .functional import deform_conv2d, depthwise_conv2d
+from .functional import deform_conv2d, depthwise_conv2d, dilated_conv2d
 
 
 def _init_conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
@@ -68,6 +68,85 @@ class DepthwiseSeparableConv2d(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(input))
+
+
+class DilatedConv2d(nn.Module):
+    """Dilated (atrous) convolution with convops kernels; parameters and state_dict identical
+    to ``nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups,
+    bias)``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"in_channels={in_channels} and out_channels={out_channels} must "
+                             f"be divisible by groups={groups}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = _checks.positive_pair(kernel_size, "kernel_size")
+        self.stride = _checks.positive_pair(stride, "stride")
+        self.dilation = _checks.positive_pair(dilation, "dilation")
+        self.padding = padding if isinstance(padding, str) else _checks.pair(padding, "padding")
+        _checks.padding4(self.padding, self.kernel_size, self.stride, self.dilation)
+        self.groups = groups
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
+        _init_conv_params(self.weight, self.bias)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return dilated_conv2d(input, self.weight, self.bias, self.stride, self.padding,
+                              self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, "
+                f"groups={self.groups}, bias={self.bias is not None}")
+
+
+def _conv_bn_relu(conv: nn.Module, channels: int) -> nn.Sequential:
+    return nn.Sequential(conv, nn.BatchNorm2d(channels), nn.ReLU())
+
+
+class _ASPPPooling(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.project = _conv_bn_relu(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                     out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.pool(x))
+        return torch.nn.functional.interpolate(y, size=x.shape[-2:], mode="bilinear",
+                                               align_corners=False)
+
+
+class ASPP(nn.Module):
+    """DeepLabV3's Atrous Spatial Pyramid Pooling head: a 1x1 branch, one 3x3 DilatedConv2d
+    branch per rate, an image-pooling branch (each with BN and ReLU), concatenation and a 1x1
+    projection (BN, ReLU, dropout)."""
+
+    def __init__(self, in_channels: int, out_channels: int = 256, rates=(6, 12, 18),
+                 dropout: float = 0.5):
+        super().__init__()
+        branches = [_conv_bn_relu(nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                                  out_channels)]
+        for rate in rates:
+            branches.append(_conv_bn_relu(
+                DilatedConv2d(in_channels, out_channels, 3, padding=rate, dilation=rate,
+                              bias=False), out_channels))
+        branches.append(_ASPPPooling(in_channels, out_channels))
+        self.convs = nn.ModuleList(branches)
+        self.project = nn.Sequential(
+            nn.Conv2d(len(branches) * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels), nn.ReLU(), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([branch(x) for branch in self.convs], dim=1))
 
 
 class _DeformConvBase(nn.Module):

@@ -7,16 +7,19 @@
 namespace convops {
 namespace {
 
-template <c10::DispatchKey key, c10::DeviceType device>
-at::Tensor depthwise_conv2d_autocast(const at::Tensor& input, const at::Tensor& weight,
-                                     const c10::optional<at::Tensor>& bias,
-                                     at::IntArrayRef stride, at::IntArrayRef padding,
-                                     at::IntArrayRef dilation) {
+constexpr char kDepthwise[] = "convops::depthwise_conv2d";
+constexpr char kDilated[] = "convops::dilated_conv2d";
+
+// depthwise_conv2d and dilated_conv2d share a signature.
+template <c10::DispatchKey key, c10::DeviceType device, const char* name>
+at::Tensor conv_autocast(const at::Tensor& input, const at::Tensor& weight,
+                         const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
+                         at::IntArrayRef padding, at::IntArrayRef dilation) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(key);
   const auto dtype = at::autocast::get_autocast_dtype(device);
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("convops::depthwise_conv2d", "")
-                       .typed<decltype(depthwise_conv2d_autocast<key, device>)>();
+                       .findSchemaOrThrow(name, "")
+                       .typed<decltype(conv_autocast<key, device, name>)>();
   return op.call(at::autocast::cached_cast(dtype, input, device),
                  at::autocast::cached_cast(dtype, weight, device),
                  at::autocast::cached_cast(dtype, bias, device), stride, padding, dilation);
@@ -43,7 +46,8 @@ at::Tensor deform_conv2d_autocast(const at::Tensor& input, const at::Tensor& wei
 }  // namespace
 
 #define CONVOPS_AUTOCAST_IMPLS(m, key, device)                                      \
-  m.impl("depthwise_conv2d", &depthwise_conv2d_autocast<key, device>);              \
+  m.impl("depthwise_conv2d", &conv_autocast<key, device, kDepthwise>);             \
+  m.impl("dilated_conv2d", &conv_autocast<key, device, kDilated>);                 \
   m.impl("deform_conv2d", &deform_conv2d_autocast<key, device>);
 
 TORCH_LIBRARY_IMPL(convops, AutocastCPU, m) {

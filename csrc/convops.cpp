@@ -23,6 +23,12 @@ TORCH_LIBRARY(convops, m) {
   m.def("depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
         "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)");
+  // groups is inferred: C / weight.size(1). padding as for depthwise_conv2d.
+  m.def("dilated_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
+        "int[] padding, int[2] dilation) -> Tensor");
+  m.def("dilated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
+        "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)");
   // groups and offset_groups are inferred: C / weight.size(1) and offset.size(1) / (2*kh*kw).
   m.def("deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
         "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");

@@ -54,35 +54,13 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
   if (out.numel() == 0) return out;
   poison_for_tests(out);
+  const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
-    const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
-    const at::Tensor b = (bias.has_value() && bias->defined())
-                             ? bias->to(acc_type).reshape({g.OC, 1}) : at::Tensor();
-    const int64_t chunk = chunk_pixels(g);
-    std::vector<acc_t> cols(g.C * K * chunk);
-    ChunkSamples<acc_t> samples;
-    for (int64_t n = 0; n < g.N; ++n) {
-      const auto x = image_view<scalar_t>(input, n);
-      const auto sampler = deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
-      const at::Tensor out_n = out[n].view({g.OC, g.Ho * g.Wo});
-      for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
-        const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
-        gather_samples(sampler, g, p0, P, samples);
-        im2col(x, samples, g, cols.data());
-        const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          const at::Tensor wg = w.narrow(0, grp * OCg, OCg);
-          const at::Tensor cg = cols_t.narrow(0, grp * Cg * K, Cg * K);
-          const at::Tensor res = b.defined() ? at::addmm(b.narrow(0, grp * OCg, OCg), wg, cg)
-                                             : at::mm(wg, cg);
-          out_n.narrow(0, grp * OCg, OCg).narrow(1, p0, P).copy_(res);
-        }
-      }
-    }
+    engine_forward<scalar_t>(input, weight, b, g, [&](int64_t n) {
+      return deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
+    }, out);
   });
   return out;
 }
@@ -97,13 +75,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
               "convops.deform_conv2d_backward: grad_output must be ",
               at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
   check_same(grad_output, input, "grad_output");
-  const bool want_input = output_mask[0], want_weight = output_mask[1];
   const bool want_offset = output_mask[2], want_mask = output_mask[3] && g.has_mask;
   const bool cl = prefers_channels_last(input);
-  at::Tensor grad_input = want_input ? at::empty_like(input, layout_of(cl))
-                                     : not_requested(input);
-  at::Tensor grad_weight = want_weight ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                                       : not_requested(weight);
+  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, layout_of(cl))
+                                         : not_requested(input);
+  at::Tensor grad_weight = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
+                                          : not_requested(weight);
   at::Tensor grad_offset = want_offset ? at::empty_like(offset, at::MemoryFormat::Contiguous)
                                        : not_requested(offset);
   at::Tensor grad_mask = want_mask ? at::empty_like(*mask, at::MemoryFormat::Contiguous)
@@ -112,70 +89,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
   poison_for_tests(grad_input);
   poison_for_tests(grad_offset);
   poison_for_tests(grad_mask);
-  const bool need_dcols = want_input || want_offset || want_mask;
-  if (g.N == 0 || !(need_dcols || want_weight)) {
-    return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
-  }
+  if (g.N == 0) return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
-    const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
-    at::Tensor gw_acc = want_weight ? at::zeros({g.OC, Cg * K}, w.options()) : at::Tensor();
-    const int64_t chunk = chunk_pixels(g);
-    std::vector<acc_t> cols(want_weight ? g.C * K * chunk : 0);
-    std::vector<acc_t> dcols(need_dcols ? g.C * K * chunk : 0);
-    std::vector<acc_t> gi_acc(want_input ? g.C * g.H * g.W : 0);
-    ChunkSamples<acc_t> samples;
-    // The offset/mask kernels need a grad_mask pointer even when only offsets are wanted.
-    std::vector<scalar_t> scratch_offset, scratch_mask;
-    for (int64_t n = 0; n < g.N; ++n) {
-      const auto x = image_view<scalar_t>(input, n);
-      const auto sampler = deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
-      const at::Tensor go_n = grad_output[n].reshape({g.OC, g.Ho * g.Wo});
-      std::fill(gi_acc.begin(), gi_acc.end(), acc_t(0));
-      for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
-        const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
-        gather_samples(sampler, g, p0, P, samples);
-        const at::Tensor go_chunk = go_n.narrow(1, p0, P).to(acc_type);
-        if (want_weight) {
-          im2col(x, samples, g, cols.data());
-          const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
-          for (int64_t grp = 0; grp < g.groups; ++grp) {
-            gw_acc.narrow(0, grp * OCg, OCg)
-                .addmm_(go_chunk.narrow(0, grp * OCg, OCg),
-                        cols_t.narrow(0, grp * Cg * K, Cg * K).t());
-          }
-        }
-        if (!need_dcols) continue;
-        const at::Tensor dcols_t = wrap(dcols.data(), g.C * K, P, acc_type);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          at::Tensor dcols_g = dcols_t.narrow(0, grp * Cg * K, Cg * K);
-          at::mm_out(dcols_g, w.narrow(0, grp * OCg, OCg).t(),
-                     go_chunk.narrow(0, grp * OCg, OCg));
-        }
-        if (want_offset || want_mask) {
-          scalar_t* go_ptr = want_offset ? grad_offset.mutable_data_ptr<scalar_t>() +
-                                               n * grad_offset.stride(0)
-                                         : nullptr;
-          if (!want_offset) {
-            scratch_offset.resize(2 * g.offset_groups * K * g.Ho * g.Wo);
-            go_ptr = scratch_offset.data();
-          }
-          scalar_t* gm_ptr = want_mask ? grad_mask.mutable_data_ptr<scalar_t>() +
-                                             n * grad_mask.stride(0)
-                                       : nullptr;
-          offset_mask_grads<acc_t, scalar_t>(x, dcols.data(), samples, g, p0, go_ptr, gm_ptr);
-        }
-        if (want_input) col2im(dcols.data(), samples, g, gi_acc.data());
-      }
-      if (want_input) {
-        grad_input[n].copy_(
-            at::from_blob(gi_acc.data(), {g.C, g.H, g.W}, at::TensorOptions().dtype(acc_type)));
-      }
-    }
-    if (want_weight) grad_weight.copy_(gw_acc.view(weight.sizes()));
+    std::vector<scalar_t> scratch;  // grad_offset's slot when only the mask grad is wanted
+    if (!want_offset && want_mask) scratch.resize(2 * g.offset_groups * g.taps() * g.Ho * g.Wo);
+    const auto sample_grads = [&](const PlaneView<scalar_t>& x, const acc_t* dcols,
+                                  const ChunkSamples<acc_t>& samples, int64_t p0, int64_t n) {
+      scalar_t* go_ptr = want_offset ? grad_offset.mutable_data_ptr<scalar_t>() +
+                                           n * grad_offset.stride(0)
+                                     : scratch.data();
+      scalar_t* gm_ptr = want_mask ? grad_mask.mutable_data_ptr<scalar_t>() +
+                                         n * grad_mask.stride(0)
+                                   : nullptr;
+      offset_mask_grads<acc_t, scalar_t>(x, dcols, samples, g, p0, go_ptr, gm_ptr);
+    };
+    engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t n) {
+      return deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
+    }, want_offset || want_mask, sample_grads, grad_input, grad_weight);
   });
   return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
 }

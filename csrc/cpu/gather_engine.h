@@ -130,5 +130,93 @@ inline at::Tensor wrap(void* data, int64_t rows, int64_t cols, at::ScalarType dt
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(dtype));
 }
 
+// out = conv(input) through the sampler that make_sampler(n) returns for image n.
+template <typename scalar_t, typename MakeSampler>
+void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                    const DeformGeometry& g, const MakeSampler& make_sampler, at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
+  const at::Tensor b = bias.defined() ? bias.to(acc_type).reshape({g.OC, 1}) : at::Tensor();
+  const int64_t chunk = chunk_pixels(g);
+  std::vector<acc_t> cols(g.C * K * chunk);
+  ChunkSamples<acc_t> samples;
+  for (int64_t n = 0; n < g.N; ++n) {
+    const auto x = image_view<scalar_t>(input, n);
+    const auto sampler = make_sampler(n);
+    const at::Tensor out_n = out[n].view({g.OC, g.Ho * g.Wo});
+    for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
+      const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
+      gather_samples(sampler, g, p0, P, samples);
+      im2col(x, samples, g, cols.data());
+      const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        const at::Tensor wg = w.narrow(0, grp * OCg, OCg);
+        const at::Tensor cg = cols_t.narrow(0, grp * Cg * K, Cg * K);
+        const at::Tensor res = b.defined() ? at::addmm(b.narrow(0, grp * OCg, OCg), wg, cg)
+                                           : at::mm(wg, cg);
+        out_n.narrow(0, grp * OCg, OCg).narrow(1, p0, P).copy_(res);
+      }
+    }
+  }
+}
+
+// Backward through the sampler: grad_weight (if defined) and grad_input (if defined), and for
+// every chunk sample_grads(x, dcols, samples, p0, n) when want_sample_grads (deform's
+// offset/mask gradients). grad_weight must arrive zeroed.
+template <typename scalar_t, typename MakeSampler, typename SampleGrads>
+void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
+                     const at::Tensor& weight, const DeformGeometry& g,
+                     const MakeSampler& make_sampler, bool want_sample_grads,
+                     const SampleGrads& sample_grads, at::Tensor& grad_input,
+                     at::Tensor& grad_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const bool want_input = grad_input.numel() > 0, want_weight = grad_weight.numel() > 0;
+  const bool need_dcols = want_input || want_sample_grads;
+  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
+  at::Tensor gw_acc = want_weight ? at::zeros({g.OC, Cg * K}, w.options()) : at::Tensor();
+  const int64_t chunk = chunk_pixels(g);
+  std::vector<acc_t> cols(want_weight ? g.C * K * chunk : 0);
+  std::vector<acc_t> dcols(need_dcols ? g.C * K * chunk : 0);
+  std::vector<acc_t> gi_acc(want_input ? g.C * g.H * g.W : 0);
+  ChunkSamples<acc_t> samples;
+  for (int64_t n = 0; n < g.N; ++n) {
+    const auto x = image_view<scalar_t>(input, n);
+    const auto sampler = make_sampler(n);
+    const at::Tensor go_n = grad_output[n].reshape({g.OC, g.Ho * g.Wo});
+    std::fill(gi_acc.begin(), gi_acc.end(), acc_t(0));
+    for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
+      const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
+      gather_samples(sampler, g, p0, P, samples);
+      const at::Tensor go_chunk = go_n.narrow(1, p0, P).to(acc_type);
+      if (want_weight) {
+        im2col(x, samples, g, cols.data());
+        const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
+        for (int64_t grp = 0; grp < g.groups; ++grp) {
+          gw_acc.narrow(0, grp * OCg, OCg)
+              .addmm_(go_chunk.narrow(0, grp * OCg, OCg),
+                      cols_t.narrow(0, grp * Cg * K, Cg * K).t());
+        }
+      }
+      if (!need_dcols) continue;
+      const at::Tensor dcols_t = wrap(dcols.data(), g.C * K, P, acc_type);
+      for (int64_t grp = 0; grp < g.groups; ++grp) {
+        at::Tensor dcols_g = dcols_t.narrow(0, grp * Cg * K, Cg * K);
+        at::mm_out(dcols_g, w.narrow(0, grp * OCg, OCg).t(), go_chunk.narrow(0, grp * OCg, OCg));
+      }
+      if (want_sample_grads) sample_grads(x, dcols.data(), samples, p0, n);
+      if (want_input) col2im(dcols.data(), samples, g, gi_acc.data());
+    }
+    if (want_input) {
+      grad_input[n].copy_(
+          at::from_blob(gi_acc.data(), {g.C, g.H, g.W}, at::TensorOptions().dtype(acc_type)));
+    }
+  }
+  if (want_weight) grad_weight.copy_(gw_acc.view(grad_weight.sizes()));
+}
+
 }  // namespace cpu
 }  // namespace convops

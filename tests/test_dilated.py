@@ -1,0 +1,209 @@
+"""dilated_conv2d and ASPP: against F.conv2d, properties, errors."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import convops
+from conftest import assert_close, requires_cuda
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def _grid(count, seed):
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        groups = rng.choice([1, 1, 2, 3])
+        kernel = (rng.choice([1, 2, 3, 5]), rng.choice([1, 3, 4]))
+        dilation = (rng.randint(1, 12), rng.randint(1, 12)) if i % 3 else (1, 1)
+        padding = rng.choice([0, 1, "same", "valid", (3, 1), dilation])
+        stride = (1, 1) if padding == "same" else (rng.randint(1, 3), rng.randint(1, 2))
+        size = tuple(d * (k - 1) + 1 + rng.randint(0, 6) for d, k in zip(dilation, kernel))
+        cases.append(dict(batch=rng.randint(1, 2), channels=groups * rng.randint(1, 3),
+                          out=groups * rng.randint(1, 3), groups=groups, kernel=kernel,
+                          stride=stride, padding=padding, dilation=dilation, size=size,
+                          bias=rng.random() < 0.6, channels_last=rng.random() < 0.4,
+                          dtype=DTYPES[i % 4]))
+    return cases
+
+
+def _check(case, device):
+    g = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    x = torch.randn(case["batch"], case["channels"], *case["size"], generator=g,
+                    dtype=torch.float64)
+    if case["channels_last"]:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(case["out"], case["channels"] // case["groups"], *case["kernel"],
+                    generator=g, dtype=torch.float64)
+    b = torch.randn(case["out"], generator=g, dtype=torch.float64) if case["bias"] else None
+    leaves = [t for t in (x, w, b) if t is not None]
+    ours = [t.to(device=device, dtype=case["dtype"]).requires_grad_() for t in leaves]
+    ref = [t.to(case["dtype"]).double().requires_grad_() for t in leaves]
+    args = (case["stride"], case["padding"], case["dilation"], case["groups"])
+    out = convops.dilated_conv2d(ours[0], ours[1], ours[2] if b is not None else None, *args)
+    expected = F.conv2d(ref[0], ref[1], ref[2] if b is not None else None, *args)
+    assert out.dtype == case["dtype"]
+    assert_close(out, expected, case["dtype"], "forward")
+    if case["channels_last"]:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(expected.shape, generator=g, dtype=torch.float64).to(case["dtype"])
+    grads = torch.autograd.grad(out, ours, grad.to(device))
+    ref_grads = torch.autograd.grad(expected, ref, grad.double())
+    for name, a, e in zip(["input", "weight", "bias"], grads, ref_grads):
+        assert_close(a, e, case["dtype"], f"grad_{name}")
+
+
+@pytest.mark.parametrize("case", _grid(100, seed=11), ids=str)
+def test_matches_conv2d_cpu(case):
+    _check(case, "cpu")
+
+
+@requires_cuda
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", _grid(50, seed=12), ids=str)
+def test_matches_conv2d_cuda(case, deterministic):
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    try:
+        _check(case, "cuda")
+    finally:
+        torch.use_deterministic_algorithms(prev)
+
+
+def test_gradcheck():
+    x = torch.randn(1, 4, 9, 10, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: convops.dilated_conv2d(x, w, b, (1, 2), (2, 1), (3, 2), 2), (x, w, b))
+
+
+def test_opcheck():
+    x = torch.randn(2, 4, 12, 11, requires_grad=True)
+    w = torch.randn(6, 2, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    xcl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    for args in [(x, w, b, [1, 1], [2, 2], [2, 2]), (xcl, w, None, [2, 1], [1, 0, 2, 1], [3, 1])]:
+        torch.library.opcheck(torch.ops.convops.dilated_conv2d.default, args)
+        out = torch.ops.convops.dilated_conv2d(*args)
+        for mask in ([True] * 3, [False, True, False], [True, False, True]):
+            torch.library.opcheck(torch.ops.convops.dilated_conv2d_backward.default,
+                                  (torch.randn_like(out), args[0].detach(), w.detach(),
+                                   *args[3:], mask))
+
+
+def test_compile_and_export():
+    torch._dynamo.reset()
+    model = nn.Sequential(convops.DilatedConv2d(4, 8, 3, padding=2, dilation=2), nn.ReLU(),
+                          convops.DilatedConv2d(8, 8, 3, padding="same", dilation=6, groups=2))
+    x = torch.randn(2, 4, 20, 20, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out, ref = compiled(x), model(x)
+    assert_close(out, ref.double(), torch.float32, "compiled")
+    (g,) = torch.autograd.grad(out.sum(), x)
+    (rg,) = torch.autograd.grad(ref.sum(), x)
+    assert_close(g, rg.double(), torch.float32, "compiled backward")
+    exported = torch.export.export(model, (x.detach(),))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert "convops.dilated_conv2d.default" in targets
+    assert_close(exported.module()(x.detach()), ref.detach().double(), torch.float32, "export")
+
+
+def test_state_dict_identical_to_conv2d():
+    ours = convops.DilatedConv2d(6, 4, (3, 5), stride=2, padding=(2, 4), dilation=2, groups=2)
+    theirs = nn.Conv2d(6, 4, (3, 5), stride=2, padding=(2, 4), dilation=2, groups=2)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+        {k: v.shape for k, v in theirs.state_dict().items()}
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 17, 19)
+    assert_close(ours(x), theirs(x).double(), torch.float32, "module")
+
+
+def test_deterministic_backward_and_autocast():
+    x = torch.randn(2, 8, 15, 15, requires_grad=True)
+    w = torch.randn(8, 8, 3, 3, requires_grad=True)
+    runs = []
+    for _ in range(2):
+        out = convops.dilated_conv2d(x, w, None, 1, 4, 4)
+        runs.append(torch.autograd.grad(out, (x, w), torch.ones_like(out)))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert convops.dilated_conv2d(x, w, None, 1, 4, 4).dtype == torch.bfloat16
+
+
+def test_empty_batch():
+    x = torch.randn(0, 4, 8, 8, requires_grad=True)
+    w = torch.randn(4, 4, 3, 3, requires_grad=True)
+    out = convops.dilated_conv2d(x, w, None, 1, 2, 2)
+    assert out.shape == (0, 4, 8, 8)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+# --- ASPP -------------------------------------------------------------------------------------
+
+def test_aspp_shapes_modes_and_gradients():
+    torch.manual_seed(0)
+    m = convops.ASPP(16, out_channels=8, rates=(2, 4, 6))
+    assert sum(isinstance(mod, convops.DilatedConv2d) for mod in m.modules()) == 3
+    x = torch.randn(2, 16, 13, 13, requires_grad=True)
+    out = m(x)
+    assert out.shape == (2, 8, 13, 13)
+    out.square().mean().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert x.grad.abs().sum() > 0
+    dilated = [mod for mod in m.modules() if isinstance(mod, convops.DilatedConv2d)]
+    assert all(d.weight.grad.abs().sum() > 0 for d in dilated)
+    m.eval()
+    with torch.no_grad():
+        assert m(torch.randn(1, 16, 9, 11)).shape == (1, 8, 9, 11)
+
+
+def test_aspp_compiles():
+    torch._dynamo.reset()
+    m = convops.ASPP(8, out_channels=4, rates=(1, 2)).eval()
+    x = torch.randn(1, 8, 10, 10)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), m(x).double(), torch.float32, "aspp compiled")
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+def _ok():
+    return dict(input=torch.randn(2, 4, 10, 10), weight=torch.randn(6, 2, 3, 3),
+                bias=torch.randn(6), stride=1, padding=2, dilation=2, groups=2)
+
+
+ERROR_CASES = [
+    ("groups", ValueError, dict(groups=3, weight=torch.randn(6, 1, 3, 3))),
+    ("groups", ValueError, dict(weight=torch.randn(5, 2, 3, 3), bias=None)),
+    ("weight", ValueError, dict(weight=torch.randn(6, 4, 3, 3))),
+    ("weight", ValueError, dict(weight=torch.randn(6, 2, 3))),
+    ("bias", ValueError, dict(bias=torch.randn(4))),
+    ("weight dtype", TypeError, dict(weight=torch.randn(6, 2, 3, 3).double())),
+    ("stride", ValueError, dict(stride=0)),
+    ("dilation", ValueError, dict(dilation=-1)),
+    ("padding", ValueError, dict(padding=-2)),
+    ("output size", ValueError, dict(dilation=6, padding=0)),
+    ("groups", ValueError, dict(groups=0)),
+]
+
+
+@pytest.mark.parametrize("name,exc,change", ERROR_CASES,
+                         ids=[f"{i}-{c[0]}" for i, c in enumerate(ERROR_CASES)])
+def test_bad_arguments_raise_clear_errors(name, exc, change):
+    a = _ok() | change
+    with pytest.raises(exc, match=name.split()[0]):
+        convops.dilated_conv2d(a["input"], a["weight"], a["bias"], a["stride"], a["padding"],
+                               a["dilation"], a["groups"])
+
+
+@requires_cuda
+def test_device_mismatch_is_caught():
+    a = _ok()
+    with pytest.raises(ValueError, match="weight"):
+        convops.dilated_conv2d(a["input"].cuda(), a["weight"], None, 1, 2, 2, 2)
