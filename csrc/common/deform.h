@@ -97,6 +97,7 @@ inline DeformGeometry deform_geometry(const at::Tensor& input, const at::Tensor&
 // backends call this; it is the only place the offset/mask channel layout is spelled out.
 template <typename acc_t, typename scalar_t, typename index_t>
 struct DeformSampler {
+  static constexpr bool kIntegerGrid = false;
   const scalar_t* offset;  // image n
   index_t off_sc, off_sy, off_sx;
   const scalar_t* mask;    // image n, or nullptr

@@ -13,6 +13,7 @@ namespace convops {
 // Where tap `tap` reads for output pixel (oh, ow): one input element or nothing.
 template <typename acc_t, typename scalar_t, typename index_t>
 struct GridSampler {
+  static constexpr bool kIntegerGrid = true;  // lets the CPU engine use row copies
   index_t H, W, kh, kw, sh, sw, ph, pw, dh, dw;
 
   HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t /*group*/, index_t tap, index_t oh,

@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include "common/bilinear.h"
@@ -28,6 +30,26 @@ namespace cpu {
 
 // 4 Mi elements: 16 MiB of fp32 columns (plus the same again for their gradient in backward).
 constexpr int64_t kColumnBudget = int64_t(1) << 22;
+
+// Per-thread scratch that survives between calls (grow-only, at most the column budget per
+// slot plus one image of input gradient), so steady-state calls neither allocate nor
+// page-fault fresh memory. Contents are uninitialized.
+template <typename T>
+T* scratch(int slot, int64_t count) {
+  struct Buffer {
+    std::unique_ptr<T[]> data;
+    int64_t size = 0;
+  };
+  thread_local Buffer buffers[3];
+  Buffer& b = buffers[slot];
+  if (b.size < count) {
+    b.data.reset(new T[count]);
+    b.size = count;
+  }
+  return b.data.get();
+}
+
+enum ScratchSlot { kColumns = 0, kColumnGrads = 1, kImageGrad = 2 };
 
 inline int64_t chunk_pixels(const DeformGeometry& g) {
   const int64_t rows = g.C * g.taps();
@@ -125,6 +147,93 @@ void col2im(const acc_t* dcols, const ChunkSamples<acc_t>& s, const DeformGeomet
   });
 }
 
+// Integer-grid (dilated) im2col and col2im: a chunk of pixels is a sequence of runs along
+// output rows; each run reads (or adds into) one input row at a fixed stride, inside the range
+// valid_output_range gives, so the inner loops are plain strided copies with no per-element
+// bounds tests or Sample structs.
+template <typename Visit>
+void for_each_grid_run(const DeformGeometry& g, int64_t tap, int64_t p0, int64_t P,
+                       const Visit& visit) {
+  const int64_t ky = tap / g.kw, kx = tap % g.kw;
+  const auto cols = valid_output_range<int64_t>(kx, g.W, g.Wo, g.sw, g.pw, g.dw);
+  for (int64_t p = 0; p < P;) {
+    const int64_t pix = p0 + p, oh = pix / g.Wo, ow0 = pix % g.Wo;
+    const int64_t run = std::min(g.Wo - ow0, P - p);
+    const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
+    int64_t first = ow0, last = ow0;  // valid part [first, last) of [ow0, ow0 + run)
+    if (ih >= 0 && ih < g.H) {
+      first = std::max(ow0, cols.first);
+      last = std::max(first, std::min(ow0 + run, cols.last));
+    }
+    // visit(p of ow0, run, ih, offset of first valid, count valid, input column of first)
+    visit(p, run, ih, first - ow0, last - first,
+          conv_input_pos<int64_t>(first, kx, g.sw, g.pw, g.dw));
+    p += run;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+void grid_im2col(const PlaneView<scalar_t>& x, const DeformGeometry& g, int64_t p0, int64_t P,
+                 acc_t* cols) {
+  const int64_t K = g.taps(), step = g.sw * x.sx;
+  at::parallel_for(0, g.C * K, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t c = row / K, tap = row % K;
+      acc_t* dst = cols + row * P;
+      for_each_grid_run(g, tap, p0, P, [&](int64_t p, int64_t run, int64_t ih, int64_t skip,
+                                           int64_t count, int64_t iw) {
+        acc_t* d = dst + p;
+        std::fill(d, d + skip, acc_t(0));
+        const scalar_t* src = x.plane(c) + ih * x.sy + iw * x.sx;
+        for (int64_t i = 0; i < count; ++i) d[skip + i] = static_cast<acc_t>(src[i * step]);
+        std::fill(d + skip + count, d + run, acc_t(0));
+      });
+    }
+  });
+}
+
+template <typename acc_t>
+void grid_col2im(const acc_t* dcols, const DeformGeometry& g, int64_t p0, int64_t P,
+                 acc_t* grad_in_acc) {
+  const int64_t K = g.taps();
+  at::parallel_for(0, g.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      acc_t* plane = grad_in_acc + c * g.H * g.W;
+      for (int64_t tap = 0; tap < K; ++tap) {
+        const acc_t* src = dcols + (c * K + tap) * P;
+        for_each_grid_run(g, tap, p0, P, [&](int64_t p, int64_t, int64_t ih, int64_t skip,
+                                             int64_t count, int64_t iw) {
+          acc_t* d = plane + ih * g.W + iw;
+          const acc_t* s = src + p + skip;
+          for (int64_t i = 0; i < count; ++i) d[i * g.sw] += s[i];
+        });
+      }
+    }
+  });
+}
+
+// The engine's three sampler-dependent steps, dispatched on the sampler kind.
+template <typename acc_t, typename scalar_t, typename Sampler>
+void sample_chunk(const Sampler& sampler, const DeformGeometry& g, int64_t p0, int64_t P,
+                  ChunkSamples<acc_t>& samples) {
+  if constexpr (!Sampler::kIntegerGrid) gather_samples(sampler, g, p0, P, samples);
+  samples.P = P;
+}
+
+template <typename acc_t, typename scalar_t, typename Sampler>
+void chunk_im2col(const PlaneView<scalar_t>& x, const ChunkSamples<acc_t>& s,
+                  const DeformGeometry& g, int64_t p0, acc_t* cols) {
+  if constexpr (Sampler::kIntegerGrid) grid_im2col(x, g, p0, s.P, cols);
+  else im2col(x, s, g, cols);
+}
+
+template <typename acc_t, typename Sampler>
+void chunk_col2im(const acc_t* dcols, const ChunkSamples<acc_t>& s, const DeformGeometry& g,
+                  int64_t p0, acc_t* grad_in_acc) {
+  if constexpr (Sampler::kIntegerGrid) grid_col2im(dcols, g, p0, s.P, grad_in_acc);
+  else col2im(dcols, s, g, grad_in_acc);
+}
+
 // A 2-D at::Tensor over a raw buffer (no copy), for at::mm.
 inline at::Tensor wrap(void* data, int64_t rows, int64_t cols, at::ScalarType dtype) {
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(dtype));
@@ -140,17 +249,18 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   const at::Tensor b = bias.defined() ? bias.to(acc_type).reshape({g.OC, 1}) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
-  std::vector<acc_t> cols(g.C * K * chunk);
+  acc_t* cols = scratch<acc_t>(kColumns, g.C * K * chunk);
   ChunkSamples<acc_t> samples;
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
+    using Sampler = std::decay_t<decltype(sampler)>;
     const at::Tensor out_n = out[n].view({g.OC, g.Ho * g.Wo});
     for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
       const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
-      gather_samples(sampler, g, p0, P, samples);
-      im2col(x, samples, g, cols.data());
-      const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
+      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);
+      chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
+      const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         const at::Tensor wg = w.narrow(0, grp * OCg, OCg);
         const at::Tensor cg = cols_t.narrow(0, grp * Cg * K, Cg * K);
@@ -179,22 +289,23 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   at::Tensor gw_acc = want_weight ? at::zeros({g.OC, Cg * K}, w.options()) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
-  std::vector<acc_t> cols(want_weight ? g.C * K * chunk : 0);
-  std::vector<acc_t> dcols(need_dcols ? g.C * K * chunk : 0);
-  std::vector<acc_t> gi_acc(want_input ? g.C * g.H * g.W : 0);
+  acc_t* cols = want_weight ? scratch<acc_t>(kColumns, g.C * K * chunk) : nullptr;
+  acc_t* dcols = need_dcols ? scratch<acc_t>(kColumnGrads, g.C * K * chunk) : nullptr;
+  acc_t* gi_acc = want_input ? scratch<acc_t>(kImageGrad, g.C * g.H * g.W) : nullptr;
   ChunkSamples<acc_t> samples;
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
+    using Sampler = std::decay_t<decltype(sampler)>;
     const at::Tensor go_n = grad_output[n].reshape({g.OC, g.Ho * g.Wo});
-    std::fill(gi_acc.begin(), gi_acc.end(), acc_t(0));
+    if (want_input) std::fill(gi_acc, gi_acc + g.C * g.H * g.W, acc_t(0));
     for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
       const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
-      gather_samples(sampler, g, p0, P, samples);
+      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);
       const at::Tensor go_chunk = go_n.narrow(1, p0, P).to(acc_type);
       if (want_weight) {
-        im2col(x, samples, g, cols.data());
-        const at::Tensor cols_t = wrap(cols.data(), g.C * K, P, acc_type);
+        chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
+        const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
         for (int64_t grp = 0; grp < g.groups; ++grp) {
           gw_acc.narrow(0, grp * OCg, OCg)
               .addmm_(go_chunk.narrow(0, grp * OCg, OCg),
@@ -202,17 +313,17 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
         }
       }
       if (!need_dcols) continue;
-      const at::Tensor dcols_t = wrap(dcols.data(), g.C * K, P, acc_type);
+      const at::Tensor dcols_t = wrap(dcols, g.C * K, P, acc_type);
       for (int64_t grp = 0; grp < g.groups; ++grp) {
         at::Tensor dcols_g = dcols_t.narrow(0, grp * Cg * K, Cg * K);
         at::mm_out(dcols_g, w.narrow(0, grp * OCg, OCg).t(), go_chunk.narrow(0, grp * OCg, OCg));
       }
-      if (want_sample_grads) sample_grads(x, dcols.data(), samples, p0, n);
-      if (want_input) col2im(dcols.data(), samples, g, gi_acc.data());
+      if (want_sample_grads) sample_grads(x, dcols, samples, p0, n);
+      if (want_input) chunk_col2im<acc_t, Sampler>(dcols, samples, g, p0, gi_acc);
     }
     if (want_input) {
       grad_input[n].copy_(
-          at::from_blob(gi_acc.data(), {g.C, g.H, g.W}, at::TensorOptions().dtype(acc_type)));
+          at::from_blob(gi_acc, {g.C, g.H, g.W}, at::TensorOptions().dtype(acc_type)));
     }
   }
   if (want_weight) grad_weight.copy_(gw_acc.view(grad_weight.sizes()));
