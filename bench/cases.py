@@ -59,12 +59,28 @@ GPU_CASES += [
     _dcn("dw-dcn-256@64", 8, 256, 64, groups=256),
 ]
 
+
+def _aspp(name, N, C, OC, H, d, tags=()):
+    return Case(name, "dilated", N, C, H, H, OC, (3, 3), 1, d, d, groups=1, tags=tags)
+
+
+GPU_CASES += [
+    _aspp("aspp-2048-256-d12@65", 8, 2048, 256, 65, 12),
+    _aspp("aspp-2048-256-d24@65", 8, 2048, 256, 65, 24),
+    _aspp("aspp-2048-256-d36@65", 8, 2048, 256, 65, 36),
+    # the CPU targets of the dilated-conv issue (N=2 / N=1 on CPU as given there)
+    _aspp("aspp-256-64-d6@33", 8, 256, 64, 33, 6),
+    _aspp("aspp-256-64-d12@33", 8, 256, 64, 33, 12, tags=("quick",)),
+    _aspp("dil-128-128-d2@48", 8, 128, 128, 48, 2),
+]
+
 # CPU batch sizes: small enough for 2 cores, large enough that threading is exercised.
 _CPU_BATCH = {"depthwise": 4, "dilated": 1, "deform": 1}
+_CPU_BATCH_BY_NAME = {"aspp-256-64-d6@33": 2, "aspp-256-64-d12@33": 2, "r50-dcn-256@64": 1}
 
 
 def cpu_case(case: Case) -> Case:
-    n = _CPU_BATCH[case.suite]
+    n = _CPU_BATCH_BY_NAME.get(case.name, _CPU_BATCH[case.suite])
     if case.suite == "depthwise" and case.k[0] >= 27:
         n = 2
     return replace(case, N=min(case.N, n))

@@ -26,6 +26,8 @@ def make_tensors(case: Case, dtype, device, channels_last: bool, seed: int = 0):
         "w": rand(case.OC, case.C // case.groups, kh, kw, scale=0.1),
         "go": rand(case.N, case.OC, ho, wo).contiguous(memory_format=fmt),
     }
+    if case.suite == "dilated":
+        return {"convops": _convops_dilated(case), "torch": _aten_conv_impl(case)}
     if case.suite == "deform":
         og = case.offset_groups
         t["offset"] = rand(case.N, 2 * og * kh * kw, ho, wo, scale=2.0)
@@ -134,10 +136,30 @@ def _torchvision_deform(case: Case):
     return _deform_impl(case, torchvision.ops.deform_conv2d, backward)
 
 
+def _convops_dilated(case: Case) -> Dict[str, PassFn]:
+    stride, padding, dilation = _conv_args(case)
+
+    def fwd(t):
+        return convops.dilated_conv2d(t["x"], t["w"], None, stride, padding, dilation,
+                                      case.groups)
+
+    def bwd(mask, index):
+        def run(t):
+            return torch.ops.convops.dilated_conv2d_backward(t["go"], t["x"], t["w"], stride,
+                                                             padding, dilation, mask)[index]
+        return run
+
+    return {"fwd": fwd, "bwd_input": bwd([True, False, False], 0),
+            "bwd_weight": bwd([False, True, False], 1),
+            "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
+
+
 def implementations(case: Case) -> Dict[str, Dict[str, PassFn]]:
     """convops first, then the baselines; the first baseline is the correctness reference."""
     if case.suite == "depthwise":
         return {"convops": _convops_depthwise(case), "torch": _aten_conv_impl(case)}
+    if case.suite == "dilated":
+        return {"convops": _convops_dilated(case), "torch": _aten_conv_impl(case)}
     if case.suite == "deform":
         # "conv2d" is a regular convolution of the same shape: the floor a DCN layer sits on.
         return {"convops": _convops_deform(case), "torchvision": _torchvision_deform(case),

@@ -12,11 +12,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/depthwise.h"
 #include "common/tensor_utils.h"
+#include "cpu/nhwc_kernels.h"
 #include "cpu/plane_kernels.h"
+#include "cpu/scratch.h"
 #include "cpu/row_kernels.h"
 
 namespace convops {
@@ -134,6 +137,80 @@ void input_grad_nchw_stride1(const scalar_t* grad_out, const scalar_t* w, scalar
           gi_plane[ih * g.W + iw] = static_cast<scalar_t>(acc[ih * cols + iw]);
     }
   });
+}
+
+// --- NHWC, multiplier 1: register-blocked row kernels (cpu/nhwc_kernels.h) --------------------
+
+// Filters as (kh*kw, Cp) rows in the accumulation type (channels zero-padded to Cp),
+// optionally rotated by 180 degrees.
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> taps_by_channel(const scalar_t* w, const DepthwiseGeometry& g, int64_t Cp,
+                                   bool flipped) {
+  const int64_t taps = g.kh * g.kw;
+  std::vector<acc_t> t(taps * Cp, acc_t(0));
+  for (int64_t oc = 0; oc < g.OC; ++oc)
+    for (int64_t k = 0; k < taps; ++k)
+      t[k * Cp + oc] = static_cast<acc_t>(w[oc * taps + (flipped ? taps - 1 - k : k)]);
+  return t;
+}
+
+// Correlates every image of `src` (N, Hs, Ws, C) with per-channel taps into `dst`
+// (N, Hd, Wd, C): the forward pass and, with rotated taps and padding (k-1)*d - p, the
+// stride-1 input gradient. Multiplier 1 only.
+template <typename scalar_t>
+void nhwc_correlate(const scalar_t* src, const scalar_t* w, bool flipped, const scalar_t* bias,
+                    scalar_t* dst, const DepthwiseGeometry& g, int64_t Hs, int64_t Ws,
+                    int64_t Hd, int64_t Wd, int64_t sh, int64_t sw, int64_t top, int64_t left) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = g.C;
+  const PaddedImage L = padded_image<acc_t>(C, Hd, Wd, g.kh, g.kw, sh, sw, g.dh, g.dw);
+  const int64_t wo_pad = round_up(Wd, kPixels);
+  const std::vector<acc_t> taps = taps_by_channel<acc_t>(w, g, L.channels, flipped);
+  std::vector<acc_t> b(L.channels, acc_t(0));
+  if (bias) std::transform(bias, bias + C, b.begin(), [](scalar_t v) { return acc_t(v); });
+  acc_t* P = scratch<acc_t>(0, L.size());
+  for (int64_t n = 0; n < g.N; ++n) {
+    fill_padded_image(src + n * Hs * Ws * C, Hs, Ws, C, top, left, L, P);
+    scalar_t* out = dst + n * Hd * Wd * C;
+    at::parallel_for(0, Hd, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(wo_pad * L.channels);
+      for (int64_t oh = begin; oh < end; ++oh) {
+        nhwc_row(P, L, taps.data(), bias ? b.data() : nullptr, row.data(), wo_pad, oh, g.kh,
+                 g.kw, sh, sw, g.dh, g.dw);
+        scalar_t* o = out + oh * Wd * C;
+        for (int64_t ow = 0; ow < Wd; ++ow)
+          for (int64_t c = 0; c < C; ++c)
+            o[ow * C + c] = static_cast<scalar_t>(row[ow * L.channels + c]);
+      }
+    });
+  }
+}
+
+template <typename scalar_t>
+void weight_grad_nhwc_fast(const scalar_t* grad_out, const scalar_t* in, scalar_t* grad_w,
+                           const DepthwiseGeometry& g) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int64_t VW = Vec<acc_t>::width;
+  const int64_t taps = g.kh * g.kw, C = g.C;
+  const PaddedImage L = padded_image<acc_t>(C, g.Ho, g.Wo, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw);
+  const int64_t wo_pad = round_up(g.Wo, kPixels);
+  const PaddedImage G{g.Ho, wo_pad, L.channels};  // grad_out, zero past Wo and C
+  std::vector<acc_t> acc(taps * L.channels, acc_t(0));  // (taps, Cp)
+  acc_t* P = scratch<acc_t>(0, L.size());
+  acc_t* go = scratch<acc_t>(1, G.size());
+  for (int64_t n = 0; n < g.N; ++n) {
+    fill_padded_image(in + n * g.H * g.W * C, g.H, g.W, C, g.ph, g.pw, L, P);
+    fill_padded_image(grad_out + n * g.Ho * g.Wo * C, g.Ho, g.Wo, C, 0, 0, G, go);
+    // one task per channel vector: each owns its slice of acc, summed in a fixed order
+    at::parallel_for(0, L.channels / VW, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk)
+        nhwc_weight_grad(P, L, go, g.Ho, wo_pad, blk * VW, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw,
+                         acc.data());
+    });
+  }
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < taps; ++t)
+      grad_w[c * taps + t] = static_cast<scalar_t>(acc[t * L.channels + c]);
 }
 
 // Input gradient, gathered one input row at a time: the taps of every output row that reads
@@ -296,7 +373,11 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cpu", [&] {
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-    if (cl) {
+    if (cl && g.multiplier == 1) {
+      nhwc_correlate<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), false,
+                               bp, out.mutable_data_ptr<scalar_t>(), g, g.H, g.W, g.Ho, g.Wo,
+                               g.sh, g.sw, g.ph, g.pw);
+    } else if (cl) {
       const at::Tensor wt = w.view({g.OC, g.kh * g.kw}).t().contiguous();
       forward_nhwc<scalar_t>(x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), bp,
                              out.mutable_data_ptr<scalar_t>(), g);
@@ -338,7 +419,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     const scalar_t* gop = go.const_data_ptr<scalar_t>();
     if (output_mask[0]) {
       scalar_t* gip = grad_input.mutable_data_ptr<scalar_t>();
-      if (cl) {
+      if (cl && g.multiplier == 1 && g.sh == 1 && g.sw == 1) {
+        nhwc_correlate<scalar_t>(gop, w.const_data_ptr<scalar_t>(), true, nullptr, gip, g, g.Ho,
+                                 g.Wo, g.H, g.W, 1, 1, (g.kh - 1) * g.dh - g.ph,
+                                 (g.kw - 1) * g.dw - g.pw);
+      } else if (cl) {
         const at::Tensor wt = w.view({g.OC, g.kh * g.kw}).t().contiguous();
         input_grad_nhwc<scalar_t>(gop, wt.const_data_ptr<scalar_t>(), gip, g);
       } else {
@@ -350,7 +435,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     }
     if (output_mask[1]) {
       scalar_t* gwp = grad_weight.mutable_data_ptr<scalar_t>();
-      if (cl) weight_grad_nhwc<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
+      if (cl && g.multiplier == 1)
+        weight_grad_nhwc_fast<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
+      else if (cl) weight_grad_nhwc<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
       else weight_grad_nchw<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
     }
   });

@@ -24,6 +24,7 @@
 
 #include "common/bilinear.h"
 #include "common/deform.h"
+#include "cpu/scratch.h"
 
 namespace convops {
 namespace cpu {
@@ -31,25 +32,7 @@ namespace cpu {
 // 4 Mi elements: 16 MiB of fp32 columns (plus the same again for their gradient in backward).
 constexpr int64_t kColumnBudget = int64_t(1) << 22;
 
-// Per-thread scratch that survives between calls (grow-only, at most the column budget per
-// slot plus one image of input gradient), so steady-state calls neither allocate nor
-// page-fault fresh memory. Contents are uninitialized.
-template <typename T>
-T* scratch(int slot, int64_t count) {
-  struct Buffer {
-    std::unique_ptr<T[]> data;
-    int64_t size = 0;
-  };
-  thread_local Buffer buffers[3];
-  Buffer& b = buffers[slot];
-  if (b.size < count) {
-    b.data.reset(new T[count]);
-    b.size = count;
-  }
-  return b.data.get();
-}
-
-enum ScratchSlot { kColumns = 0, kColumnGrads = 1, kImageGrad = 2 };
+enum EngineScratch { kColumns = 0, kColumnGrads = 1, kImageGrad = 2 };
 
 inline int64_t chunk_pixels(const DeformGeometry& g) {
   const int64_t rows = g.C * g.taps();
