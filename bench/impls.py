@@ -26,8 +26,6 @@ def make_tensors(case: Case, dtype, device, channels_last: bool, seed: int = 0):
         "w": rand(case.OC, case.C // case.groups, kh, kw, scale=0.1),
         "go": rand(case.N, case.OC, ho, wo).contiguous(memory_format=fmt),
     }
-    if case.suite == "dilated":
-        return {"convops": _convops_dilated(case), "torch": _aten_conv_impl(case)}
     if case.suite == "deform":
         og = case.offset_groups
         t["offset"] = rand(case.N, 2 * og * kh * kw, ho, wo, scale=2.0)

@@ -12,9 +12,12 @@ def depthwise_conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1):
 
 def bilinear_gather(plane, y, x):
     """Bilinear samples of plane (C, H, W) at float64 points y, x (any equal shapes), with
-    torchvision's rule: zero unless -1 < y < H and -1 < x < W; out-of-image corners are zero."""
+    torchvision's rule: out-of-image corners are zero (so the value is zero unless
+    -1 < y < H and -1 < x < W). Points farther out (and NaN/Inf) are masked before indexing;
+    the mask is wider than the image so that autograd gives torchvision's one-sided slope at
+    exactly y = -1 or x = -1."""
     C, H, W = plane.shape
-    inside = (y > -1) & (y < H) & (x > -1) & (x < W)
+    inside = (y > -2) & (y < H + 1) & (x > -2) & (x < W + 1)
     y = torch.where(inside, y, torch.zeros_like(y))
     x = torch.where(inside, x, torch.zeros_like(x))
     y0, x0 = torch.floor(y), torch.floor(x)
@@ -42,6 +45,12 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
     sh, sw = stride
     ph, pw = padding
     dh, dw = dilation
+    if N == 0:  # an empty batch: an empty result that still depends on every argument
+        deps = input.sum((1, 2, 3)) + offset.sum((1, 2, 3)) + weight.sum() * 0
+        if mask is not None:
+            deps = deps + mask.double().sum((1, 2, 3))
+        out = (deps * 0).view(0, 1, 1, 1).expand(0, OC, Ho, Wo)
+        return out if bias is None else out + bias.double().view(1, -1, 1, 1)
     base_y = (torch.arange(Ho, dtype=torch.float64) * sh - ph).view(Ho, 1)
     base_x = (torch.arange(Wo, dtype=torch.float64) * sw - pw).view(1, Wo)
     outs = []

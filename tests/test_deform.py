@@ -226,6 +226,27 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dy,dx", [(-1.0, 0.3), (0.5, -1.0), (1.0, 0.0), (-1.0, -1.0), (2.0, 5.0),
+                                   (-1.5, 0.3), (0.2, -1.7), (6.5, 0.2), (-1.0, 6.0)])
+def test_offsets_on_grid_lines_and_borders_match_torchvision(dy, dx):
+    # Integer offsets put samples exactly on grid lines and on y = -1 / x = -1, where the
+    # bilinear slope is one-sided: torchvision's convention is the reference.
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    off = torch.zeros(1, 18, 4, 4, dtype=torch.float64)
+    off[:, 0::2], off[:, 1::2] = dy, dx
+    mask = torch.rand(1, 9, 4, 4, dtype=torch.float64)
+    leaves = [x, off.requires_grad_(), w, mask.requires_grad_()]
+    ours = convops.deform_conv2d(x, off, w, mask=mask)
+    theirs = torchvision.ops.deform_conv2d(x, off, w, mask=mask)
+    assert_close(ours, theirs, torch.float64, "forward")
+    g = torch.randn_like(ours)
+    for name, a, e in zip(["input", "offset", "weight", "mask"],
+                          torch.autograd.grad(ours, leaves, g),
+                          torch.autograd.grad(theirs, leaves, g)):
+        assert_close(a, e, torch.float64, f"grad_{name}")
+
+
 def test_nan_inf_and_huge_offsets_do_not_crash():
     x = torch.randn(1, 2, 6, 6, requires_grad=True)
     w = torch.randn(2, 2, 3, 3, requires_grad=True)

@@ -3,8 +3,10 @@
 // the deformable and dilated engines gather, scatter and differentiate the same way.
 //
 // Rule: a point (y, x) is sampled only if -1 < y < H and -1 < x < W; each of its four integer
-// neighbours contributes only if it lies inside the image (zero padding). NaN or +-Inf
-// coordinates fail the first test, so they contribute zero and never reach an index.
+// neighbours contributes only if it lies inside the image (zero padding). The coordinate
+// gradient, like torchvision's, only asks which neighbours are inside, so a point exactly on
+// y = -1 or x = -1 has a zero value but its one-sided (inward) slope. NaN or +-Inf
+// coordinates fail both tests, so they contribute zero and never reach an index.
 #pragma once
 
 #include <cmath>
@@ -18,14 +20,16 @@ struct Sample {
   index_t y0, x0;          // top-left neighbour
   T w00, w01, w10, w11;    // weights of (y0,x0), (y0,x0+1), (y0+1,x0), (y0+1,x0+1); 0 if outside
   T ly, lx;                // fractional parts (for the coordinate gradient)
-  bool inside;             // false: the sample is zero and so is its gradient
+  bool inside;             // false: the sample value (and its input gradient) is zero
+  bool near;               // a neighbour may be inside: y0, x0, ly, lx are meaningful
 };
 
 template <typename T, typename index_t>
 HOST_DEVICE_INLINE Sample<T, index_t> bilinear_sample(T y, T x, index_t H, index_t W) {
   Sample<T, index_t> s;
   s.inside = (y > T(-1)) && (y < T(H)) && (x > T(-1)) && (x < T(W));
-  if (!s.inside) {
+  s.near = (y > T(-2)) && (y < T(H + 1)) && (x > T(-2)) && (x < T(W + 1));
+  if (!s.near) {
     s.y0 = s.x0 = 0;
     s.w00 = s.w01 = s.w10 = s.w11 = s.ly = s.lx = T(0);
     return s;
@@ -36,12 +40,12 @@ HOST_DEVICE_INLINE Sample<T, index_t> bilinear_sample(T y, T x, index_t H, index
   s.ly = y - yf;
   s.lx = x - xf;
   const T hy = T(1) - s.ly, hx = T(1) - s.lx;
-  const bool top = s.y0 >= 0, bottom = s.y0 + 1 <= H - 1;
-  const bool left = s.x0 >= 0, right = s.x0 + 1 <= W - 1;
-  s.w00 = (top && left) ? hy * hx : T(0);
-  s.w01 = (top && right) ? hy * s.lx : T(0);
-  s.w10 = (bottom && left) ? s.ly * hx : T(0);
-  s.w11 = (bottom && right) ? s.ly * s.lx : T(0);
+  const bool top = s.y0 >= 0 && s.y0 <= H - 1, bottom = s.y0 + 1 >= 0 && s.y0 + 1 <= H - 1;
+  const bool left = s.x0 >= 0 && s.x0 <= W - 1, right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 1;
+  s.w00 = (s.inside && top && left) ? hy * hx : T(0);
+  s.w01 = (s.inside && top && right) ? hy * s.lx : T(0);
+  s.w10 = (s.inside && bottom && left) ? s.ly * hx : T(0);
+  s.w11 = (s.inside && bottom && right) ? s.ly * s.lx : T(0);
   return s;
 }
 
@@ -51,6 +55,7 @@ HOST_DEVICE_INLINE Sample<T, index_t> integer_sample(index_t y, index_t x, index
                                                      index_t W) {
   Sample<T, index_t> s;
   s.inside = y >= 0 && y < H && x >= 0 && x < W;
+  s.near = s.inside;
   s.y0 = s.inside ? y : 0;
   s.x0 = s.inside ? x : 0;
   s.w00 = s.inside ? T(1) : T(0);
@@ -85,9 +90,10 @@ HOST_DEVICE_INLINE Corners<T, scalar_t, index_t> corner_values_for_grad(
     const scalar_t* plane, index_t sy, index_t sx, index_t H, index_t W,
     const Sample<T, index_t>& s) {
   Corners<T, scalar_t, index_t> c{T(0), T(0), T(0), T(0)};
-  if (!s.inside) return c;
-  const bool top = s.y0 >= 0, bottom = s.y0 + 1 <= H - 1;
-  const bool left = s.x0 >= 0, right = s.x0 + 1 <= W - 1;
+  if (!s.near) return c;
+  // Both bounds on every neighbour: a "near" point may sit left of or above the image.
+  const bool top = s.y0 >= 0 && s.y0 <= H - 1, bottom = s.y0 + 1 >= 0 && s.y0 + 1 <= H - 1;
+  const bool left = s.x0 >= 0 && s.x0 <= W - 1, right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 1;
   const scalar_t* p = plane + s.y0 * sy + s.x0 * sx;
   if (top && left) c.v00 = static_cast<T>(p[0]);
   if (top && right) c.v01 = static_cast<T>(p[sx]);

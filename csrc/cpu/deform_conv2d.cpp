@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cpu/gather_engine.h"
 
@@ -27,7 +28,7 @@ void offset_mask_grads(const PlaneView<scalar_t>& x, const acc_t* dcols,
       for (int64_t p = 0; p < P; ++p) {
         const auto& smp = s.at(og, tap, K, p);
         acc_t gy = 0, gx = 0, gm = 0;
-        if (smp.inside) {
+        if (smp.near) {
           for (int64_t c = og * cpo; c < (og + 1) * cpo; ++c) {
             deform_sample_grad_term<acc_t, scalar_t, int64_t>(
                 x.plane(c), x.sy, x.sx, g.H, g.W, smp, dcols[(c * K + tap) * P + p], &gy, &gx,
@@ -50,10 +51,8 @@ at::Tensor deform_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                              at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformGeometry g =
       deform_geometry(input, weight, offset, mask, bias, stride, padding, dilation);
-  const bool cl = prefers_channels_last(input);
-  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
-  poison_for_tests(out);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_cpu", [&] {
@@ -71,25 +70,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     at::IntArrayRef padding, at::IntArrayRef dilation, std::array<bool, 5> output_mask) {
   const DeformGeometry g =
       deform_geometry(input, weight, offset, mask, c10::nullopt, stride, padding, dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
-              "convops.deform_conv2d_backward: grad_output must be ",
-              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
-  check_same(grad_output, input, "grad_output");
+  check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "deform_conv2d");
   const bool want_offset = output_mask[2], want_mask = output_mask[3] && g.has_mask;
-  const bool cl = prefers_channels_last(input);
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, layout_of(cl))
-                                         : not_requested(input);
-  at::Tensor grad_weight = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                                          : not_requested(weight);
+  ConvGrads grads = new_conv_grads(grad_output, input, weight,
+                                   {output_mask[0], output_mask[1], output_mask[4]});
   at::Tensor grad_offset = want_offset ? at::empty_like(offset, at::MemoryFormat::Contiguous)
                                        : not_requested(offset);
   at::Tensor grad_mask = want_mask ? at::empty_like(*mask, at::MemoryFormat::Contiguous)
                                    : not_requested(offset);
-  at::Tensor grad_bias = output_mask[4] ? grad_output.sum({0, 2, 3}) : not_requested(weight);
-  poison_for_tests(grad_input);
   poison_for_tests(grad_offset);
   poison_for_tests(grad_mask);
-  if (g.N == 0) return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  if (g.N == 0) return {grads.input, grads.weight, grad_offset, grad_mask, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -107,9 +98,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     };
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t n) {
       return deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
-    }, want_offset || want_mask, sample_grads, grad_input, grad_weight);
+    }, want_offset || want_mask, sample_grads, grads.input, grads.weight);
   });
-  return {grad_input, grad_weight, grad_offset, grad_mask, grad_bias};
+  return {grads.input, grads.weight, grad_offset, grad_mask, grads.bias};
 }
 
 }  // namespace

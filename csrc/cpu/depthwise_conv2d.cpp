@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "common/depthwise.h"
+#include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cpu/nhwc_kernels.h"
 #include "cpu/plane_kernels.h"
@@ -367,9 +368,8 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
-  poison_for_tests(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cpu", [&] {
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
@@ -395,25 +395,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
     std::array<bool, 3> output_mask) {
   const DepthwiseGeometry g = depthwise_geometry(input, weight, c10::nullopt, stride, padding,
                                                  dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
-              "convops.depthwise_conv2d_backward: grad_output must be ",
-              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "convops.depthwise_conv2d_backward: grad_output dtype must match input");
+  check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "depthwise_conv2d");
   const bool cl = prefers_channels_last(input);
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor go = grad_output.contiguous(layout_of(cl));
   const at::Tensor w = weight.contiguous();
-  at::Tensor grad_input = not_requested(input), grad_weight = not_requested(weight),
-             grad_bias = not_requested(weight);
-  if (output_mask[0]) grad_input = at::empty_like(x, layout_of(cl));
-  if (output_mask[1]) grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
-  if (output_mask[2]) grad_bias = go.sum({0, 2, 3});
-  poison_for_tests(grad_input);
-  poison_for_tests(grad_weight);
-  const bool empty = g.N == 0;
-  if (empty && output_mask[1]) grad_weight.zero_();
-  if (empty) return {grad_input, grad_weight, grad_bias};
+  const ConvGrads grads = new_conv_grads(go, input, weight, output_mask);
+  const at::Tensor &grad_input = grads.input, &grad_weight = grads.weight;
+  if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_backward_cpu", [&] {
     const scalar_t* gop = go.const_data_ptr<scalar_t>();
@@ -441,7 +430,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
       else weight_grad_nchw<scalar_t>(gop, x.const_data_ptr<scalar_t>(), gwp, g);
     }
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grads.input, grads.weight, grads.bias};
 }
 
 }  // namespace

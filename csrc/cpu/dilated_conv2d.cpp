@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "common/dilated.h"
+#include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cpu/gather_engine.h"
 
@@ -18,10 +19,8 @@ at::Tensor dilated_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformGeometry g = dilated_geometry(input, weight, bias, stride, padding, dilation);
-  const bool cl = prefers_channels_last(input);
-  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
-  poison_for_tests(out);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_cpu", [&] {
@@ -38,19 +37,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
     std::array<bool, 3> output_mask) {
   const DeformGeometry g = dilated_geometry(input, weight, c10::nullopt, stride, padding,
                                             dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
-              "convops.dilated_conv2d_backward: grad_output must be ",
-              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type(),
-              "convops.dilated_conv2d_backward: grad_output dtype must match input");
-  const bool cl = prefers_channels_last(input);
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, layout_of(cl))
-                                         : not_requested(input);
-  at::Tensor grad_weight = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                                          : not_requested(weight);
-  at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : not_requested(weight);
-  poison_for_tests(grad_input);
-  if (g.N == 0) return {grad_input, grad_weight, grad_bias};
+  check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "dilated_conv2d");
+  ConvGrads grads = new_conv_grads(grad_output, input, weight, output_mask);
+  if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -58,9 +47,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
     const auto no_sample_grads = [](const PlaneView<scalar_t>&, const acc_t*,
                                     const ChunkSamples<acc_t>&, int64_t, int64_t) {};
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t) { return sampler; },
-                              false, no_sample_grads, grad_input, grad_weight);
+                              false, no_sample_grads, grads.input, grads.weight);
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grads.input, grads.weight, grads.bias};
 }
 
 }  // namespace

@@ -257,7 +257,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
 
 // Backward through the sampler: grad_weight (if defined) and grad_input (if defined), and for
 // every chunk sample_grads(x, dcols, samples, p0, n) when want_sample_grads (deform's
-// offset/mask gradients). grad_weight must arrive zeroed.
+// offset/mask gradients). grad_weight is overwritten.
 template <typename scalar_t, typename MakeSampler, typename SampleGrads>
 void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
                      const at::Tensor& weight, const DeformGeometry& g,

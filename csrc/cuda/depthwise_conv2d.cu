@@ -38,6 +38,7 @@
 #include <cstring>
 
 #include "common/depthwise.h"
+#include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 
 namespace convops {
@@ -287,9 +288,8 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = (bias.has_value() && bias->defined()) ? bias->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
-  poison_for_tests(out);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cuda", [&] {
     if (fits_int32({&x, &out})) launch_forward<scalar_t, int32_t>(x, w, b, out, g, cl);
@@ -326,37 +326,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
     std::array<bool, 3> output_mask) {
   const DepthwiseGeometry g = depthwise_geometry(input, weight, c10::nullopt, stride, padding,
                                                  dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
-              "convops.depthwise_conv2d_backward: grad_output must be ",
-              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              "convops.depthwise_conv2d_backward: grad_output dtype/device must match input");
+  check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "depthwise_conv2d");
   const c10::cuda::CUDAGuard guard(input.device());
   const bool cl = prefers_channels_last(input);
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor go = grad_output.contiguous(layout_of(cl));
   const at::Tensor w = weight.contiguous();
-  at::Tensor grad_input = not_requested(input), grad_weight = not_requested(weight),
-             grad_bias = not_requested(weight);
-  if (output_mask[0]) grad_input = at::empty_like(x, layout_of(cl));
-  if (output_mask[1]) grad_weight = at::empty_like(w, at::MemoryFormat::Contiguous);
-  if (output_mask[2]) grad_bias = go.sum({0, 2, 3});
-  poison_for_tests(grad_input);
-  poison_for_tests(grad_weight);
-  if (g.N == 0) {
-    if (output_mask[1]) grad_weight.zero_();
-    return {grad_input, grad_weight, grad_bias};
-  }
+  ConvGrads grads = new_conv_grads(go, input, weight, output_mask);
+  if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_backward_cuda", [&] {
     if (fits_int32({&x, &go})) {
-      launch_backward<scalar_t, int32_t>(go, x, w, grad_input, grad_weight, g, cl);
+      launch_backward<scalar_t, int32_t>(go, x, w, grads.input, grads.weight, g, cl);
     } else {
-      launch_backward<scalar_t, int64_t>(go, x, w, grad_input, grad_weight, g, cl);
+      launch_backward<scalar_t, int64_t>(go, x, w, grads.input, grads.weight, g, cl);
     }
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grads.input, grads.weight, grads.bias};
 }
 
 }  // namespace

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "common/dilated.h"
+#include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cuda/gather_engine.cuh"
 
@@ -27,10 +28,8 @@ at::Tensor dilated_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformGeometry g = dilated_geometry(input, weight, bias, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool cl = prefers_channels_last(input);
-  at::Tensor out = at::empty({g.N, g.OC, g.Ho, g.Wo}, input.options(), layout_of(cl));
+  at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
-  poison_for_tests(out);
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_cuda", [&] {
@@ -47,21 +46,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
     std::array<bool, 3> output_mask) {
   const DeformGeometry g = dilated_geometry(input, weight, c10::nullopt, stride, padding,
                                             dilation);
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}),
-              "convops.dilated_conv2d_backward: grad_output must be ",
-              at::IntArrayRef({g.N, g.OC, g.Ho, g.Wo}), ", got ", grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              "convops.dilated_conv2d_backward: grad_output dtype/device must match input");
+  check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "dilated_conv2d");
   const c10::cuda::CUDAGuard guard(input.device());
-  const bool cl = prefers_channels_last(input);
-  at::Tensor grad_input = output_mask[0] ? at::empty_like(input, layout_of(cl))
-                                         : not_requested(input);
-  at::Tensor grad_weight = output_mask[1] ? at::zeros_like(weight, at::MemoryFormat::Contiguous)
-                                          : not_requested(weight);
-  at::Tensor grad_bias = output_mask[2] ? grad_output.sum({0, 2, 3}) : not_requested(weight);
-  poison_for_tests(grad_input);
-  if (g.N == 0) return {grad_input, grad_weight, grad_bias};
+  ConvGrads grads = new_conv_grads(grad_output, input, weight, output_mask);
+  if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -70,9 +58,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
     const auto no_sample_grads = [](const ImageView<scalar_t>&, const Sampler&, const acc_t*,
                                     int64_t, int64_t, int64_t) {};
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t) { return sampler; },
-                              false, no_sample_grads, grad_input, grad_weight);
+                              false, no_sample_grads, grads.input, grads.weight);
   });
-  return {grad_input, grad_weight, grad_bias};
+  return {grads.input, grads.weight, grads.bias};
 }
 
 }  // namespace

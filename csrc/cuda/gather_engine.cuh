@@ -154,7 +154,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
   }
 }
 
-// See cpu/gather_engine.h: grad_weight (numel > 0 when wanted) must arrive zeroed;
+// See cpu/gather_engine.h: grad_weight (numel > 0 when wanted) is overwritten;
 // sample_grads(x, sampler, dcols, p0, P, n) runs per chunk when want_sample_grads.
 template <typename scalar_t, typename MakeSampler, typename SampleGrads>
 void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
