@@ -41,6 +41,37 @@ def text_table(rows, copy_bw) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
 
 
+def summary_table(rows) -> str:
+    """A compact markdown table: per case, convops time and speedup vs the main baseline for
+    fwd and fwd+bwd, per dtype/layout column."""
+    ours = [r for r in rows if r["impl"] == "convops"]
+    combos = sorted({(r["dtype"], r["layout"]) for r in ours},
+                    key=lambda c: (c[0] != "float32", c[1] != "nchw", c))
+    main_key = {"depthwise": ["onednn", "cudnn"], "dilated": ["onednn", "cudnn"],
+                "deform": ["torchvision"]}
+    header = ["suite", "case", "pass"] + [f"{d} {l}" for d, l in combos]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cases = []
+    for r in ours:
+        if (r["suite"], r["case"]) not in cases:
+            cases.append((r["suite"], r["case"]))
+    for suite, case in cases:
+        for pass_name in ("fwd", "fwd_bwd"):
+            cells = []
+            for dtype, layout in combos:
+                match = [r for r in ours if r["case"] == case and r["pass_"] == pass_name and
+                         r["dtype"] == dtype and r["layout"] == layout]
+                if not match or match[0].get("status") != "ok":
+                    cells.append(match[0].get("status", "-") if match else "-")
+                    continue
+                r = match[0]
+                base = next((f"{r['speedup_vs_' + k]:.2f}x {k}" for k in main_key[suite]
+                             if ("speedup_vs_" + k) in r), "")
+                cells.append(f"{r['median_s'] * 1e3:.2f} ms ({base})")
+            lines.append(f"| {suite} | {case} | {pass_name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown_table(rows, meta) -> str:
     header, body = table_rows(rows, meta.get("copy_bandwidth_Bps"))
     lines = [f"# convops benchmark — {meta['device_name']} ({meta['date']})", "",
@@ -50,8 +81,14 @@ def markdown_table(rows, meta) -> str:
              f"{meta['copy_bandwidth_Bps'] / 1e9:.1f} GB/s.", "",
              "Speedup = baseline time / convops time (>1: convops faster). "
              "onednn/cudnn = F.conv2d(groups=...).", "",
+             "## Summary (convops time and speedup over the main baseline)", "",
+             summary_table(rows), "## All rows", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    notes = sorted({r["baseline_inaccurate"] for r in rows if r.get("baseline_inaccurate")})
+    if notes:
+        lines += ["", "Baseline rows that disagreed with their own float64 result (convops "
+                  "matched float64):"] + [f"- {n}" for n in notes]
     geo = geomeans(rows)
     if geo:
         lines += ["", "Geometric-mean speedups (ok rows): " +

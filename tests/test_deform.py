@@ -127,6 +127,14 @@ def test_cuda_matches_cpu(dtype):
     assert_close(gpu, cpu.double(), dtype, "cuda vs cpu")
 
 
+@pytest.mark.parametrize("budget", ["1", "50", "700"])
+@pytest.mark.parametrize("case", _grid(10, seed=14), ids=str)
+def test_small_column_chunks(case, budget, monkeypatch):
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    _check(case, "cpu", _torchvision if case["dtype"] in (torch.float32, torch.float64)
+           else reference)
+
+
 def test_zero_offsets_and_unit_mask_equal_conv2d():
     x = torch.randn(2, 8, 11, 12, dtype=torch.float64)
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64)

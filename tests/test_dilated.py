@@ -73,6 +73,23 @@ def test_matches_conv2d_cuda(case, deterministic):
         torch.use_deterministic_algorithms(prev)
 
 
+@pytest.mark.parametrize("budget", ["1", "97", "1000"])
+@pytest.mark.parametrize("case", _grid(12, seed=13), ids=str)
+def test_small_column_chunks(case, budget, monkeypatch):
+    # Chunks of a few pixels start and end mid-row: every chunk boundary rule is exercised.
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    _check(case, "cpu")
+
+
+def test_aspp_rates_with_chunking(monkeypatch):
+    # The case that once crashed: d=36 on a 65x65 map with chunks that split rows.
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", str(64 * 9 * 50))
+    case = dict(batch=1, channels=64, out=8, groups=1, kernel=(3, 3), stride=(1, 1),
+                padding=(36, 36), dilation=(36, 36), size=(65, 65), bias=True,
+                channels_last=False, dtype=torch.float32)
+    _check(case, "cpu")
+
+
 def test_gradcheck():
     x = torch.randn(1, 4, 9, 10, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 2, 3, 2, dtype=torch.float64, requires_grad=True)

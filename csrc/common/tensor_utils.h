@@ -40,6 +40,15 @@ inline void poison_for_tests(at::Tensor& t) {
     t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
+// The gather engines' column-buffer size in elements: `fallback`, or CONVOPS_COLUMN_BUDGET
+// when set (the tests shrink it to force chunks that start and end mid-row).
+inline int64_t column_budget(int64_t fallback) {
+  const char* v = std::getenv("CONVOPS_COLUMN_BUDGET");
+  if (v == nullptr) return fallback;
+  const long long parsed = std::atoll(v);
+  return parsed > 0 ? static_cast<int64_t>(parsed) : fallback;
+}
+
 // Placeholder returned for a gradient the output mask did not ask for.
 inline at::Tensor not_requested(const at::Tensor& like) { return at::empty({0}, like.options()); }
 

@@ -24,6 +24,7 @@
 
 #include "common/bilinear.h"
 #include "common/deform.h"
+#include "common/tensor_utils.h"
 #include "cpu/scratch.h"
 
 namespace convops {
@@ -36,7 +37,7 @@ enum EngineScratch { kColumns = 0, kColumnGrads = 1, kImageGrad = 2 };
 
 inline int64_t chunk_pixels(const DeformGeometry& g) {
   const int64_t rows = g.C * g.taps();
-  return std::max<int64_t>(1, std::min<int64_t>(g.Ho * g.Wo, kColumnBudget / rows));
+  return std::max<int64_t>(1, std::min<int64_t>(g.Ho * g.Wo, column_budget(kColumnBudget) / rows));
 }
 
 // Strided access to one image of an (N, C, H, W) tensor, whatever its layout.
@@ -145,7 +146,8 @@ void for_each_grid_run(const DeformGeometry& g, int64_t tap, int64_t p0, int64_t
     const int64_t ih = conv_input_pos<int64_t>(oh, ky, g.sh, g.ph, g.dh);
     int64_t first = ow0, last = ow0;  // valid part [first, last) of [ow0, ow0 + run)
     if (ih >= 0 && ih < g.H) {
-      first = std::max(ow0, cols.first);
+      // A chunk may end or start mid-row: clamp to the run on both sides.
+      first = std::min(std::max(ow0, cols.first), ow0 + run);
       last = std::max(first, std::min(ow0 + run, cols.last));
     }
     // visit(p of ow0, run, ih, offset of first valid, count valid, input column of first)

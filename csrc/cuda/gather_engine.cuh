@@ -30,6 +30,7 @@
 #include <algorithm>
 
 #include "common/deform.h"
+#include "common/tensor_utils.h"
 
 namespace convops {
 namespace cuda {
@@ -42,7 +43,8 @@ inline unsigned int engine_blocks(int64_t total) {
 }
 
 inline int64_t chunk_pixels(const DeformGeometry& g) {
-  return std::max<int64_t>(1, std::min<int64_t>(g.Ho * g.Wo, kColumnBudget / (g.C * g.taps())));
+  return std::max<int64_t>(
+      1, std::min<int64_t>(g.Ho * g.Wo, column_budget(kColumnBudget) / (g.C * g.taps())));
 }
 
 // Strides of one image of an (N, C, H, W) input.
