@@ -66,7 +66,13 @@ def summary_table(rows) -> str:
                     continue
                 r = match[0]
                 base = next((f"{r['speedup_vs_' + k]:.2f}x {k}" for k in main_key[suite]
-                             if ("speedup_vs_" + k) in r), "")
+                             if ("speedup_vs_" + k) in r), None)
+                if base is None:  # the baseline could not run this dtype
+                    missing = next((b["impl"] for b in rows if b["case"] == case and
+                                    b["pass_"] == pass_name and b["dtype"] == dtype and
+                                    b["layout"] == layout and b["impl"] in main_key[suite]),
+                                   "baseline")
+                    base = f"{missing}: no {dtype}"
                 cells.append(f"{r['median_s'] * 1e3:.2f} ms ({base})")
             lines.append(f"| {suite} | {case} | {pass_name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -150,3 +156,26 @@ def plot(path, rows, meta):
     ax.set_title("roofline")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
+
+
+def main(argv=None):
+    """Re-render a saved run: python -m bench.report RESULT.json [--markdown M] [--plot P]."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m bench.report")
+    p.add_argument("json")
+    p.add_argument("--markdown")
+    p.add_argument("--plot")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        data = json.load(f)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(data["rows"], data["meta"]))
+    if args.plot:
+        plot(args.plot, data["rows"], data["meta"])
+    if not (args.markdown or args.plot):
+        print(text_table(data["rows"], data["meta"]["copy_bandwidth_Bps"]))
+
+
+if __name__ == "__main__":
+    main()

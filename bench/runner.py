@@ -130,7 +130,8 @@ def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settin
                 # that is off (seen: oneDNN's bf16 channels_last depthwise weight gradient).
                 exact = {k: (v.double() if v is not None else None) for k, v in tensors.items()}
                 if outputs_match(ours, impls[reference_name][pass_name](exact), dtype) is None:
-                    baseline_note = (f"{reference_name} in {base['dtype']} disagrees with its own "
+                    baseline_note = (f"{impls_mod.baseline_label(reference_name, device)} in "
+                                     f"{base['dtype']} disagrees with its own "
                                      f"float64 result ({problem}); convops matches float64")
                     problem = None
         except Exception as exc:  # a crash is reported, not timed
@@ -160,7 +161,10 @@ def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settin
                                tflops=row["flops"] / median / 1e12,
                                peak_extra_bytes=_peak_extra_bytes(fn, device))
             except Exception as exc:
-                row.update(status="error", reason=f"{type(exc).__name__}: {exc}"[:300])
+                # A baseline without this dtype (torchvision has no bf16) is "unsupported".
+                unsupported = name != names[0] and "not implemented" in str(exc)
+                row.update(status="unsupported" if unsupported else "error",
+                           reason=f"{type(exc).__name__}: {exc}"[:300])
             group.append(row)
         ours_row = group[0]
         if ours_row.get("status") == "ok":
