@@ -19,6 +19,20 @@ def _init_conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Non
         nn.init.uniform_(bias, -bound, bound)
 
 
+def _conv_params(module: nn.Module, in_channels: int, out_channels: int, groups: int,
+                 bias: bool, device, dtype) -> None:
+    """weight (OC, C/groups, kh, kw) and optional bias, as nn.Conv2d names and initializes
+    them, on a module whose kernel_size is set."""
+    factory = {"device": device, "dtype": dtype}
+    module.weight = nn.Parameter(
+        torch.empty(out_channels, in_channels // groups, *module.kernel_size, **factory))
+    if bias:
+        module.bias = nn.Parameter(torch.empty(out_channels, **factory))
+    else:
+        module.register_parameter("bias", None)
+    _init_conv_params(module.weight, module.bias)
+
+
 class DepthwiseConv2d(nn.Module):
     """Depthwise convolution: ``nn.Conv2d(channels, channels * depth_multiplier, kernel_size,
     groups=channels)`` with convops kernels. state_dict keys and shapes equal nn.Conv2d's."""
@@ -89,14 +103,7 @@ class DilatedConv2d(nn.Module):
         self.padding = padding if isinstance(padding, str) else _checks.pair(padding, "padding")
         _checks.padding4(self.padding, self.kernel_size, self.stride, self.dilation)
         self.groups = groups
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        _init_conv_params(self.weight, self.bias)
+        _conv_params(self, in_channels, out_channels, groups, bias, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return dilated_conv2d(input, self.weight, self.bias, self.stride, self.padding,
@@ -171,14 +178,7 @@ class _DeformConvBase(nn.Module):
         self.dilation = _checks.positive_pair(dilation, "dilation")
         self.groups = groups
         self.deform_groups = deform_groups
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(
-            torch.empty(out_channels, in_channels // groups, *self.kernel_size, **factory))
-        if bias:
-            self.bias = nn.Parameter(torch.empty(out_channels, **factory))
-        else:
-            self.register_parameter("bias", None)
-        _init_conv_params(self.weight, self.bias)
+        _conv_params(self, in_channels, out_channels, groups, bias, device, dtype)
 
     def _deform(self, input, offset, mask=None):
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
