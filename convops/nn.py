@@ -1,7 +1,7 @@
 """nn.Module wrappers. Parameter names and shapes follow nn.Conv2d (depthwise, dilated) and
 torchvision / mmcv (deformable), so checkpoints load either way."""
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch import nn
@@ -17,6 +17,15 @@ def _init_conv_params(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> Non
         fan_in = weight[0].numel()
         bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
         nn.init.uniform_(bias, -bound, bound)
+
+
+def _op_args(module: nn.Module) -> None:
+    """The normalized int lists the ops take, stored as typed attributes so TorchScript can
+    call torch.ops.convops.* directly (the Python checks are not scriptable)."""
+    pad4 = _checks.padding4(module.padding, module.kernel_size, module.stride, module.dilation)
+    module._op_stride: List[int] = list(module.stride)
+    module._op_padding: List[int] = _checks.compact_padding(pad4)
+    module._op_dilation: List[int] = list(module.dilation)
 
 
 def _conv_params(module: nn.Module, in_channels: int, out_channels: int, groups: int,
@@ -53,13 +62,25 @@ class DepthwiseConv2d(nn.Module):
         self.groups = channels
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(self.out_channels, 1, *self.kernel_size, **factory))
-        self.bias = nn.Parameter(torch.empty(self.out_channels, **factory)) if bias else None
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_channels, **factory))
+        else:
+            self.register_parameter("bias", None)
         self.reset_parameters()
+        _op_args(self)
 
     def reset_parameters(self) -> None:
         _init_conv_params(self.weight, self.bias)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript: the op itself (its C++ checks still run)
+            return torch.ops.convops.depthwise_conv2d(input, self.weight, self.bias,
+                                                      self._op_stride, self._op_padding,
+                                                      self._op_dilation)
+        return self._checked_forward(input)
+
+    @torch.jit.unused
+    def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
         return depthwise_conv2d(input, self.weight, self.bias, self.stride, self.padding,
                                 self.dilation)
 
@@ -104,8 +125,17 @@ class DilatedConv2d(nn.Module):
         _checks.padding4(self.padding, self.kernel_size, self.stride, self.dilation)
         self.groups = groups
         _conv_params(self, in_channels, out_channels, groups, bias, device, dtype)
+        _op_args(self)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.convops.dilated_conv2d(input, self.weight, self.bias,
+                                                    self._op_stride, self._op_padding,
+                                                    self._op_dilation)
+        return self._checked_forward(input)
+
+    @torch.jit.unused
+    def _checked_forward(self, input: torch.Tensor) -> torch.Tensor:
         return dilated_conv2d(input, self.weight, self.bias, self.stride, self.padding,
                               self.dilation, self.groups)
 
@@ -179,8 +209,19 @@ class _DeformConvBase(nn.Module):
         self.groups = groups
         self.deform_groups = deform_groups
         _conv_params(self, in_channels, out_channels, groups, bias, device, dtype)
+        _op_args(self)
 
-    def _deform(self, input, offset, mask=None):
+    def _deform(self, input: torch.Tensor, offset: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return torch.ops.convops.deform_conv2d(input, self.weight, offset, mask, self.bias,
+                                                   self._op_stride, self._op_padding,
+                                                   self._op_dilation)
+        return self._checked_deform(input, offset, mask)
+
+    @torch.jit.unused
+    def _checked_deform(self, input: torch.Tensor, offset: torch.Tensor,
+                        mask: Optional[torch.Tensor]) -> torch.Tensor:
         return deform_conv2d(input, offset, self.weight, self.bias, self.stride, self.padding,
                              self.dilation, mask)
 

@@ -32,3 +32,25 @@ def test_inductor_fullgraph_forward_and_backward():
     ref_grads = torch.autograd.grad(ref.square().sum(), [x] + list(model.parameters()))
     for g, rg in zip(grads, ref_grads):
         assert_close(g, rg.double(), torch.float32, "inductor backward")
+
+
+def test_torchscript_scripts_every_module():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 12, 12)
+    off = torch.randn(2, 18, 12, 12)
+    mask = torch.rand(2, 9, 12, 12)
+    cases = [
+        (convops.DepthwiseConv2d(8, 3, padding="same", depth_multiplier=2), (x,)),
+        (convops.DepthwiseSeparableConv2d(8, 4, 5, padding=2), (x,)),
+        (convops.DilatedConv2d(8, 4, 3, padding=2, dilation=2, groups=2), (x,)),
+        (convops.ASPP(8, out_channels=4, rates=(1, 2)).eval(), (x,)),
+        (convops.DeformConv2d(8, 4, 3, padding=1), (x, off)),
+        (convops.DeformConv2d(8, 4, 3, padding=1), (x, off, mask)),
+        (convops.ModulatedDeformConv2d(8, 4, 3, padding=1), (x, off, mask)),
+        (convops.DeformConv2dPack(8, 4, 3, padding=1), (x,)),
+        (convops.ModulatedDeformConv2dPack(8, 4, 3, padding=1), (x,)),
+    ]
+    for module, args in cases:
+        scripted = torch.jit.script(module)
+        assert_close(scripted(*args), module(*args).double(), torch.float32,
+                     type(module).__name__)
