@@ -1,10 +1,12 @@
-"""Thread safety on CPU: two threads calling every op at once get the single-threaded answers."""
+"""Thread safety on CPU (two threads calling every op at once get the single-threaded answers),
+the current CUDA stream and a non-default CUDA device."""
 import threading
 
+import pytest
 import torch
 
 import convops
-from conftest import assert_close
+from conftest import assert_close, requires_cuda
 
 
 def _work(seed):
@@ -40,3 +42,36 @@ def test_two_threads_at_once_match_serial_results():
     for seed in (1, 2):
         for got, want in zip(results[seed], expected[seed]):
             assert_close(got, want.double(), torch.float32, f"thread {seed}")
+
+
+def _all_ops(x):
+    dev = x.device
+    dw = convops.depthwise_conv2d(x, torch.ones(8, 1, 3, 3, device=dev), None, 1, 1)
+    dil = convops.dilated_conv2d(dw, torch.ones(8, 8, 3, 3, device=dev) * 0.1, None, 1, 2, 2)
+    off = torch.ones(x.shape[0], 18, x.shape[2], x.shape[3], device=dev) * 0.5
+    return convops.deform_conv2d(dil, off, torch.ones(4, 8, 3, 3, device=dev) * 0.1, padding=1)
+
+
+@requires_cuda
+def test_ops_run_on_the_current_stream():
+    x = torch.randn(2, 8, 16, 16, device="cuda")
+    expected = _all_ops(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        # Work queued on `side` only: if a kernel ran on the default stream it would race
+        # with the input written just before on `side`.
+        y = x * 1.0
+        out = _all_ops(y)
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs two CUDA devices")
+def test_ops_run_on_a_non_default_device():
+    x = torch.randn(2, 8, 16, 16)
+    expected = _all_ops(x)
+    out = _all_ops(x.to("cuda:1"))
+    assert out.device == torch.device("cuda:1")
+    assert_close(out, expected.double(), torch.float32, "cuda:1")
