@@ -64,16 +64,21 @@ def _aten_conv_impl(case: Case) -> Dict[str, PassFn]:
             "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
 
 
-def _convops_depthwise(case: Case) -> Dict[str, PassFn]:
+def _convops_conv(case: Case, name: str) -> Dict[str, PassFn]:
+    """depthwise_conv2d or dilated_conv2d: the same signature and backward op shape."""
     stride, padding, dilation = _conv_args(case)
+    backward_op = getattr(torch.ops.convops, name + "_backward")
+    if name == "depthwise_conv2d":
+        forward = convops.depthwise_conv2d
+    else:
+        forward = lambda *a: convops.dilated_conv2d(*a, case.groups)  # noqa: E731
 
     def fwd(t):
-        return convops.depthwise_conv2d(t["x"], t["w"], None, stride, padding, dilation)
+        return forward(t["x"], t["w"], None, stride, padding, dilation)
 
     def bwd(mask, index):
         def run(t):
-            return torch.ops.convops.depthwise_conv2d_backward(t["go"], t["x"], t["w"], stride,
-                                                               padding, dilation, mask)[index]
+            return backward_op(t["go"], t["x"], t["w"], stride, padding, dilation, mask)[index]
         return run
 
     return {"fwd": fwd, "bwd_input": bwd([True, False, False], 0),
@@ -134,30 +139,12 @@ def _torchvision_deform(case: Case):
     return _deform_impl(case, torchvision.ops.deform_conv2d, backward)
 
 
-def _convops_dilated(case: Case) -> Dict[str, PassFn]:
-    stride, padding, dilation = _conv_args(case)
-
-    def fwd(t):
-        return convops.dilated_conv2d(t["x"], t["w"], None, stride, padding, dilation,
-                                      case.groups)
-
-    def bwd(mask, index):
-        def run(t):
-            return torch.ops.convops.dilated_conv2d_backward(t["go"], t["x"], t["w"], stride,
-                                                             padding, dilation, mask)[index]
-        return run
-
-    return {"fwd": fwd, "bwd_input": bwd([True, False, False], 0),
-            "bwd_weight": bwd([False, True, False], 1),
-            "fwd_bwd": _autograd_pass(fwd, ["x", "w"])}
-
-
 def implementations(case: Case) -> Dict[str, Dict[str, PassFn]]:
     """convops first, then the baselines; the first baseline is the correctness reference."""
     if case.suite == "depthwise":
-        return {"convops": _convops_depthwise(case), "torch": _aten_conv_impl(case)}
+        return {"convops": _convops_conv(case, "depthwise_conv2d"), "torch": _aten_conv_impl(case)}
     if case.suite == "dilated":
-        return {"convops": _convops_dilated(case), "torch": _aten_conv_impl(case)}
+        return {"convops": _convops_conv(case, "dilated_conv2d"), "torch": _aten_conv_impl(case)}
     if case.suite == "deform":
         # "conv2d" is a regular convolution of the same shape: the floor a DCN layer sits on.
         return {"convops": _convops_deform(case), "torchvision": _torchvision_deform(case),

@@ -63,6 +63,8 @@ def dilated_conv2d(input: torch.Tensor, weight: torch.Tensor,
     if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
         raise ValueError(f"groups must be a positive int, got {groups!r}")
     channels, oc = input.shape[1], weight.shape[0]
+    if channels < 1:
+        raise ValueError(f"input has no channels: shape {tuple(input.shape)}")
     if channels % groups != 0:
         raise ValueError(f"in_channels={channels} is not divisible by groups={groups}")
     if oc < 1 or oc % groups != 0:
@@ -99,6 +101,8 @@ def deform_conv2d(input: torch.Tensor, offset: torch.Tensor, weight: torch.Tenso
     _checks.same_dtype_device(input, "input", offset=offset, weight=weight, mask=mask, bias=bias)
     n, c = input.shape[:2]
     oc, cpg, kh, kw = weight.shape
+    if c < 1:
+        raise ValueError(f"input has no channels: shape {tuple(input.shape)}")
     if cpg < 1 or c % cpg != 0:
         raise ValueError(f"in_channels={c} is not divisible by weight.shape[1]={cpg}: "
                          f"weight {tuple(weight.shape)} must be (OC, C/groups, kh, kw)")

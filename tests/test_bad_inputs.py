@@ -109,6 +109,13 @@ DIRECT_CASES = [
         torch.randn(1, 2, 2, 2), torch.randn(2, 1, 3, 3), None, [1, 1], [0, 0], [1, 1])),
     ("input", lambda: torch.ops.convops.dilated_conv2d(
         torch.randn(2, 5, 5), torch.randn(2, 2, 3, 3), None, [1, 1], [0, 0], [1, 1])),
+    ("input", lambda: torch.ops.convops.deform_conv2d(
+        torch.randn(1, 0, 5, 5), torch.randn(2, 1, 3, 3), torch.randn(1, 18, 3, 3), None, None,
+        [1, 1], [0, 0], [1, 1])),
+    ("input", lambda: torch.ops.convops.dilated_conv2d(
+        torch.randn(1, 0, 5, 5), torch.randn(2, 1, 3, 3), None, [1, 1], [0, 0], [1, 1])),
+    ("input", lambda: torch.ops.convops.depthwise_conv2d(
+        torch.randn(1, 0, 5, 5), torch.randn(2, 1, 3, 3), None, [1, 1], [0, 0], [1, 1])),
     ("float32, float64", lambda: torch.ops.convops.depthwise_conv2d(
         torch.ones(1, 2, 5, 5, dtype=torch.int32), torch.ones(2, 1, 3, 3, dtype=torch.int32),
         None, [1, 1], [0, 0], [1, 1])),
@@ -121,6 +128,10 @@ BATTERY = (
     [(f"dilated-{n}", exc, _dilated_call(change)) for n, exc, change in
      test_dilated.ERROR_CASES] +
     [(f"module-{n}", exc, fn) for n, exc, fn in MODULE_CASES] +
+    [("deform-input", ValueError, lambda: convops.deform_conv2d(
+        torch.randn(1, 0, 5, 5), torch.randn(1, 18, 3, 3), torch.randn(2, 1, 3, 3))),
+     ("dilated-input", ValueError, lambda: convops.dilated_conv2d(
+         torch.randn(1, 0, 5, 5), torch.randn(2, 1, 3, 3)))] +
     [(f"direct-{n}", RuntimeError, fn) for n, fn in DIRECT_CASES]
 )
 

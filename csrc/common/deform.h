@@ -57,6 +57,7 @@ inline DeformGeometry deform_geometry(const at::Tensor& input, const at::Tensor&
   g.ph = pad[0]; g.pw = pad[1];
   TORCH_CHECK(g.kh > 0 && g.kw > 0 && weight.size(1) > 0,
               "convops.deform_conv2d: empty weight ", weight.sizes());
+  TORCH_CHECK(g.C > 0, "convops.deform_conv2d: input has no channels: ", input.sizes());
   TORCH_CHECK(g.C % weight.size(1) == 0, "convops.deform_conv2d: input channels ", g.C,
               " are not a multiple of weight.size(1)=", weight.size(1));
   g.groups = g.C / weight.size(1);

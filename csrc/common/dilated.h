@@ -49,6 +49,7 @@ inline DeformGeometry dilated_geometry(const at::Tensor& input, const at::Tensor
   g.OC = weight.size(0); g.kh = weight.size(2); g.kw = weight.size(3);
   g.sh = stride[0]; g.sw = stride[1]; g.dh = dilation[0]; g.dw = dilation[1];
   g.ph = pad[0]; g.pw = pad[1];
+  TORCH_CHECK(g.C > 0, "convops.dilated_conv2d: input has no channels: ", input.sizes());
   TORCH_CHECK(g.kh > 0 && g.kw > 0 && weight.size(1) > 0 && g.C % weight.size(1) == 0,
               "convops.dilated_conv2d: weight ", weight.sizes(), " does not fit ", g.C,
               " input channels");
