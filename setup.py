@@ -88,6 +88,9 @@ def build_extensions():
                      ("CONVOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fdiagnostics-color=always"]  # torch picks the C++ standard it needs
+    # at::parallel_for is inline `#pragma omp parallel` code: without -fopenmp it compiles to a
+    # serial loop and every CPU kernel runs on one thread.
+    cxx_flags += ["-fopenmp"]
     extra_compile_args = {"cxx": cxx_flags}
     ext_cls = cpp_extension.CppExtension
     if with_cuda:
@@ -105,6 +108,7 @@ def build_extensions():
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
+        extra_link_args=["-fopenmp"],
     )]
 
 

@@ -56,9 +56,62 @@ def _check(case, device):
         assert_close(a, e, case["dtype"], f"grad_{name}")
 
 
+# CPU implementations: the direct register-blocked kernels in their AVX-512 and AVX2 builds,
+# and the plain gather engine (float64 always takes the engine).
+CPU_IMPLS = {"direct": {}, "direct-avx2": {"CONVOPS_CPU_ISA": "avx2"},
+             "engine": {"CONVOPS_CPU_IMPL": "engine"}}
+
+
+@pytest.fixture(params=list(CPU_IMPLS))
+def cpu_impl(request, monkeypatch):
+    for key, value in CPU_IMPLS[request.param].items():
+        monkeypatch.setenv(key, value)
+    return request.param
+
+
 @pytest.mark.parametrize("case", _grid(100, seed=11), ids=str)
-def test_matches_conv2d_cpu(case):
+def test_matches_conv2d_cpu(case, cpu_impl):
     _check(case, "cpu")
+
+
+def _wide_grid(count, seed):
+    # Channel counts that fill several 64-wide output blocks with a narrower last one, channel
+    # blocks with tails, and rows that are not a multiple of the 6-pixel tile.
+    rng = random.Random(seed)
+    cases = []
+    for i in range(count):
+        groups = rng.choice([1, 1, 2])
+        dilation = (rng.randint(1, 6), rng.randint(1, 6))
+        stride = rng.choice([(1, 1), (1, 1), (2, 1), (2, 2)])
+        cases.append(dict(batch=rng.randint(1, 2), channels=groups * rng.choice([7, 13, 40]),
+                          out=groups * rng.choice([16, 33, 70, 130]), groups=groups,
+                          kernel=rng.choice([(3, 3), (1, 1), (2, 3)]), stride=stride,
+                          padding=rng.choice([dilation, 0, (1, 4)]), dilation=dilation,
+                          size=(rng.randint(13, 20), rng.randint(13, 27)),
+                          bias=rng.random() < 0.5, channels_last=rng.random() < 0.4,
+                          dtype=[torch.float32, torch.bfloat16, torch.float16][i % 3]))
+    return cases
+
+
+@pytest.mark.parametrize("case", _wide_grid(12, seed=14), ids=str)
+def test_wide_channels_cpu(case, cpu_impl):
+    _check(case, "cpu")
+
+
+def test_weight_grad_independent_of_thread_count():
+    # The direct weight gradient splits tiles, never a reduction, across threads.
+    x = torch.randn(2, 40, 21, 19)
+    w = torch.randn(70, 40, 3, 3, requires_grad=True)
+    prev = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            out = convops.dilated_conv2d(x, w, None, 1, 2, 2)
+            grads.append(torch.autograd.grad(out, w, torch.ones_like(out))[0])
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
 @requires_cuda

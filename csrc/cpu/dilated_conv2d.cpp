@@ -1,6 +1,8 @@
-// Dilated convolution on CPU: the gather engine (cpu/gather_engine.h) with the integer grid
-// sampler (common/dilated.h). Deterministic: the input gradient is scattered one channel per
-// task, the weight gradient is a sequence of GEMMs in a fixed order.
+// Dilated convolution on CPU. On x86 with AVX2 or AVX-512 (float32/16, bfloat16): the direct
+// register-blocked convolution of cpu/direct_conv.h for the forward, the weight gradient and
+// the stride-1 input gradient. Otherwise (float64, other CPUs, strided input gradient, or
+// CONVOPS_CPU_IMPL=engine): the gather engine (cpu/gather_engine.h) with the integer grid
+// sampler (common/dilated.h). Both are deterministic.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -9,11 +11,67 @@
 #include "common/dilated.h"
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
+#include "cpu/direct_conv.h"
 #include "cpu/gather_engine.h"
 
 namespace convops {
 namespace cpu {
 namespace {
+
+// The direct path's view of a dilated problem, forward.
+DirectProblem forward_problem(const DeformGeometry& g) {
+  return {g.groups, g.channels_per_group(), g.out_channels_per_group(), g.kh, g.kw, g.sh, g.sw,
+          g.dh, g.dw, g.ph, g.pw, g.H, g.W, g.Ho, g.Wo};
+}
+
+// The stride-1 input gradient as a forward convolution of grad_output: taps flipped, each
+// group's weight transposed, padding (k - 1) * d - p.
+DirectProblem input_grad_problem(const DeformGeometry& g) {
+  return {g.groups, g.out_channels_per_group(), g.channels_per_group(), g.kh, g.kw, 1, 1,
+          g.dh, g.dw, (g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, g.Ho, g.Wo, g.H, g.W};
+}
+
+at::Tensor input_grad_weight(const at::Tensor& weight, const DeformGeometry& g) {
+  return weight.view({g.groups, g.out_channels_per_group(), g.channels_per_group(), g.kh, g.kw})
+      .transpose(1, 2)
+      .flip({3, 4})
+      .reshape({g.C, g.out_channels_per_group(), g.kh, g.kw});
+}
+
+const DirectIsa* direct_path_for(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? nullptr : direct_isa();
+}
+
+void direct_forward_batch(const at::Tensor& input, const at::Tensor& weight,
+                          const at::Tensor& bias, const DeformGeometry& g, const DirectIsa& isa,
+                          at::Tensor& out) {
+  const DirectProblem p = forward_problem(g);
+  const PackedWeights pw = pack_weights(weight, bias, p, isa);
+  for (int64_t n = 0; n < g.N; ++n) direct_conv_image(input[n], pw, p, isa, out[n]);
+}
+
+void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& weight,
+                             const DeformGeometry& g, const DirectIsa& isa,
+                             at::Tensor& grad_input) {
+  const DirectProblem p = input_grad_problem(g);
+  const PackedWeights pw = pack_weights(input_grad_weight(weight, g), at::Tensor(), p, isa);
+  for (int64_t n = 0; n < g.N; ++n) direct_conv_image(grad_output[n], pw, p, isa, grad_input[n]);
+}
+
+void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& input,
+                              const DeformGeometry& g, const DirectIsa& isa,
+                              at::Tensor& grad_weight) {
+  const DirectProblem p = forward_problem(g);
+  const int64_t OCgp = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
+  at::Tensor dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::TensorOptions().dtype(at::kFloat));
+  for (int64_t n = 0; n < g.N; ++n) {
+    const float* xp = pack_image(input[n], p);
+    const float* dyp = pack_grad_output(grad_output[n], p, OCgp);
+    direct_weight_grad(xp, dyp, p, OCgp, isa, dw.data_ptr<float>());
+  }
+  grad_weight.copy_(
+      dw.narrow(3, 0, p.OCg).permute({0, 3, 2, 1}).reshape({g.OC, p.Cg, g.kh, g.kw}));
+}
 
 at::Tensor dilated_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                               const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -22,6 +80,10 @@ at::Tensor dilated_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
   at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
+  if (const DirectIsa* isa = direct_path_for(input)) {
+    direct_forward_batch(input, weight, b, g, *isa, out);
+    return out;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -40,6 +102,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
   check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "dilated_conv2d");
   ConvGrads grads = new_conv_grads(grad_output, input, weight, output_mask);
   if (g.N == 0) return {grads.input, grads.weight, grads.bias};
+  // The direct path takes what it can; the engine gets what is left (a strided input grad).
+  at::Tensor engine_input = grads.input, engine_weight = grads.weight;
+  if (const DirectIsa* isa = direct_path_for(input)) {
+    if (grads.weight.numel() > 0) {
+      direct_weight_grad_batch(grad_output, input, g, *isa, grads.weight);
+      engine_weight = not_requested(grads.weight);
+    }
+    if (grads.input.numel() > 0 && g.sh == 1 && g.sw == 1) {
+      direct_input_grad_batch(grad_output, weight, g, *isa, grads.input);
+      engine_input = not_requested(grads.input);
+    }
+  }
+  if (engine_input.numel() == 0 && engine_weight.numel() == 0) {
+    return {grads.input, grads.weight, grads.bias};
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "dilated_conv2d_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -47,7 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
     const auto no_sample_grads = [](const PlaneView<scalar_t>&, const acc_t*,
                                     const ChunkSamples<acc_t>&, int64_t, int64_t) {};
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t) { return sampler; },
-                              false, no_sample_grads, grads.input, grads.weight);
+                              false, no_sample_grads, engine_input, engine_weight);
   });
   return {grads.input, grads.weight, grads.bias};
 }

@@ -10,7 +10,7 @@ namespace cpu {
 // Per-thread scratch that survives between calls (grow-only, at most the column budget per
 // slot plus one image of input gradient), so steady-state calls neither allocate nor
 // page-fault fresh memory. Contents are uninitialized.
-constexpr int kScratchSlots = 4;
+constexpr int kScratchSlots = 8;
 
 template <typename T>
 T* scratch(int slot, int64_t count) {
