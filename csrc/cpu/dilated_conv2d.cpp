@@ -31,13 +31,6 @@ DirectProblem input_grad_problem(const DeformGeometry& g) {
           g.dh, g.dw, (g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, g.Ho, g.Wo, g.H, g.W};
 }
 
-at::Tensor input_grad_weight(const at::Tensor& weight, const DeformGeometry& g) {
-  return weight.view({g.groups, g.out_channels_per_group(), g.channels_per_group(), g.kh, g.kw})
-      .transpose(1, 2)
-      .flip({3, 4})
-      .reshape({g.C, g.out_channels_per_group(), g.kh, g.kw});
-}
-
 const DirectIsa* direct_path_for(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? nullptr : direct_isa();
 }
@@ -54,7 +47,7 @@ void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& we
                              const DeformGeometry& g, const DirectIsa& isa,
                              at::Tensor& grad_input) {
   const DirectProblem p = input_grad_problem(g);
-  const PackedWeights pw = pack_weights(input_grad_weight(weight, g), at::Tensor(), p, isa);
+  const PackedWeights pw = pack_weights(weight, at::Tensor(), p, isa, /*for_input_grad=*/true);
   for (int64_t n = 0; n < g.N; ++n) direct_conv_image(grad_output[n], pw, p, isa, grad_input[n]);
 }
 

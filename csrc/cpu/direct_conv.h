@@ -18,11 +18,13 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "common/conv_geometry.h"
 #include "common/macros.h"
 #include "common/tensor_utils.h"
 #include "cpu/scratch.h"
@@ -39,7 +41,8 @@ namespace cpu {
 struct DirectForwardTile {
   const float* x;             // packed input at the tile's first pixel, tap (0,0), channel 0
   int64_t pixel_step;         // floats between the inputs of neighbouring output pixels
-  const int64_t* tap_offset;  // floats from tap (0,0) to each tap
+  const int64_t* tap_offset;  // per tap that reads any input: floats from tap (0,0) in x
+  const int64_t* tap_weight;  // ... and the offset of its weights in w
   int64_t taps, channels;
   const float* w;     // this block's packed weights, [tap][channel][NV * lanes]
   const float* bias;  // NV * lanes values or null
@@ -140,6 +143,13 @@ inline const DirectIsa* direct_isa() {
 struct DirectProblem {
   int64_t groups, Cg, OCg, kh, kw, sh, sw, dh, dw, ph, pw, H, W, Ho, Wo;
   int64_t C() const { return groups * Cg; }
+  // Floats per pixel of the packed image: an odd number of 64-byte lines, so the pixels (and
+  // taps) a tile reads at once spread over all L1 sets. With 256 channels a 1 KiB stride put
+  // every one of them in the same 4 of 64 sets.
+  int64_t pixel_stride() const {
+    const int64_t lines = ceil_div<int64_t>(C(), 16);
+    return 16 * (lines % 2 ? lines : lines + 1);
+  }
   int64_t taps() const { return kh * kw; }
   int64_t padded_h() const { return (Ho - 1) * sh + (kh - 1) * dh + 1; }
   int64_t padded_w() const { return (Wo - 1) * sw + (kw - 1) * dw + 1; }
@@ -148,13 +158,43 @@ struct DirectProblem {
 // Scratch slots after the gather engine's (cpu/gather_engine.h uses 0..2).
 enum DirectScratch { kPackedImage = 3, kPackedOutput = 4, kPackedGradOutput = 5 };
 
-inline at::Tensor float_view(float* data, at::IntArrayRef sizes) {
-  return at::from_blob(data, sizes, at::TensorOptions().dtype(at::kFloat));
+// Moves a (C, rows, cols) block between a tensor of any floating dtype (element strides sc,
+// sy, sx) and a float pixel-major buffer (buf[row * row_step + col * pixel_step + channel]),
+// one row per task, in 16 x 16 tiles so that the strided side of the transpose stays in L1.
+template <bool kToBuffer, typename scalar_t>
+void transpose_pixels(scalar_t* t, int64_t sc, int64_t sy, int64_t sx, float* buf,
+                      int64_t row_step, int64_t pixel_step, int64_t C, int64_t rows,
+                      int64_t cols) {
+  constexpr int64_t kTile = 16;
+  const auto move = [](scalar_t& tv, float& bv) {
+    if constexpr (kToBuffer) bv = static_cast<float>(tv);
+    else tv = static_cast<scalar_t>(bv);
+  };
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t y = begin; y < end; ++y) {
+      scalar_t* trow = t + y * sy;
+      float* brow = buf + y * row_step;
+      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+        const int64_t c1 = std::min(C, c0 + kTile);
+        for (int64_t x0 = 0; x0 < cols; x0 += kTile) {
+          const int64_t x1 = std::min(cols, x0 + kTile);
+          if (sx <= sc) {  // NCHW-like: walk the tensor's rows
+            for (int64_t c = c0; c < c1; ++c)
+              for (int64_t x = x0; x < x1; ++x) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
+          } else {  // channels last: walk its pixels
+            for (int64_t x = x0; x < x1; ++x)
+              for (int64_t c = c0; c < c1; ++c) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
+          }
+        }
+      }
+    }
+  });
 }
 
-// image (C, H, W), any dtype and strides -> zero-padded float [padded_h][padded_w][C].
+// image (C, H, W), any dtype and strides -> zero-padded float [padded_h][padded_w][C], pixels
+// pixel_stride() floats apart.
 inline float* pack_image(const at::Tensor& image, const DirectProblem& p) {
-  const int64_t Hp = p.padded_h(), Wp = p.padded_w(), C = p.C();
+  const int64_t Hp = p.padded_h(), Wp = p.padded_w(), C = p.pixel_stride();
   float* buf = scratch<float>(kPackedImage, Hp * Wp * C);
   const int64_t y0 = std::max<int64_t>(0, -p.ph), y1 = std::min(p.H, Hp - p.ph);
   const int64_t x0 = std::max<int64_t>(0, -p.pw), x1 = std::min(p.W, Wp - p.pw);
@@ -173,10 +213,14 @@ inline float* pack_image(const at::Tensor& image, const DirectProblem& p) {
     }
   });
   if (any) {
-    float_view(buf, {Hp, Wp, C})
-        .narrow(0, y0 + p.ph, y1 - y0)
-        .narrow(1, x0 + p.pw, x1 - x0)
-        .copy_(image.narrow(1, y0, y1 - y0).narrow(2, x0, x1 - x0).permute({1, 2, 0}));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "pack_image",
+                                    [&] {
+      transpose_pixels<true>(const_cast<scalar_t*>(image.const_data_ptr<scalar_t>()) +
+                                 y0 * image.stride(1) + x0 * image.stride(2),
+                             image.stride(0), image.stride(1), image.stride(2),
+                             buf + ((y0 + p.ph) * Wp + x0 + p.pw) * C, Wp * C, C, p.C(), y1 - y0,
+                             x1 - x0);
+    });
   }
   return buf;
 }
@@ -187,67 +231,126 @@ struct PackedWeights {
   int64_t OCg_padded, block;
 };
 
-// weight (groups * OCg, Cg, kh, kw), any dtype.
+// weight (groups * OCg, Cg, kh, kw), any dtype. With for_input_grad the packed weights are
+// those of the input gradient's convolution (problem p is then input_grad_problem): each
+// group's weight transposed (p.OCg = the layer's Cg) and the taps flipped, read in place.
 inline PackedWeights pack_weights(const at::Tensor& weight, const at::Tensor& bias,
-                                  const DirectProblem& p, const DirectIsa& isa) {
+                                  const DirectProblem& p, const DirectIsa& isa,
+                                  bool for_input_grad = false) {
   PackedWeights out;
   out.block = isa.block();
   out.OCg_padded = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
-  const int64_t pad = out.OCg_padded - p.OCg;
-  at::Tensor w = weight.to(at::kFloat).reshape({p.groups, p.OCg, p.Cg, p.taps()});
-  if (pad > 0) w = at::constant_pad_nd(w, {0, 0, 0, 0, 0, pad});
-  std::vector<at::Tensor> blocks;
-  for (int64_t b0 = 0; b0 < out.OCg_padded; b0 += out.block) {
-    const int64_t width = std::min(out.block, out.OCg_padded - b0);
-    blocks.push_back(w.narrow(1, b0, width).permute({0, 3, 2, 1}).reshape({p.groups, -1}));
-  }
-  out.w = at::cat(blocks, 1).contiguous();
+  const at::Tensor src_t = weight.to(at::kFloat).contiguous();
+  const float* src = src_t.const_data_ptr<float>();
+  const int64_t K = p.taps();
+  // Strides of (group, packed output channel, packed input channel) in the source.
+  const int64_t sg = p.OCg * p.Cg * K;
+  const int64_t so = for_input_grad ? K : p.Cg * K, sc = for_input_grad ? p.OCg * K : K;
+  out.w = at::empty({p.groups * out.OCg_padded * K * p.Cg}, src_t.options());
+  float* dst = out.w.data_ptr<float>();
+  const int64_t blocks = ceil_div(out.OCg_padded, out.block);
+  // Tasks of (group, block, 16 input channels). The block's source rows lie Cg * K floats
+  // apart, often a multiple of 4 KiB, so reading them column-wise would hit a handful of L1
+  // sets: each row's run is first copied to a small staging buffer, read out from there.
+  constexpr int64_t kTile = 16;
+  const int64_t ctiles = ceil_div<int64_t>(p.Cg, kTile);
+  at::parallel_for(0, p.groups * blocks * ctiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> stage(out.block * kTile * K);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ct = task % ctiles, b = (task / ctiles) % blocks, g = task / ctiles / blocks;
+      const int64_t b0 = b * out.block, width = std::min(out.block, out.OCg_padded - b0);
+      const int64_t valid = std::min(width, p.OCg - b0);
+      const int64_t c0 = ct * kTile, cn = std::min(p.Cg, c0 + kTile) - c0;
+      for (int64_t j = 0; j < valid; ++j) {  // stage[j][c][t]
+        for (int64_t c = 0; c < cn; ++c) {
+          const float* row = src + g * sg + (b0 + j) * so + (c0 + c) * sc;
+          float* to = stage.data() + (j * kTile + c) * K;
+          for (int64_t t = 0; t < K; ++t) to[t] = row[t];  // K is small: no memmove call
+        }
+      }
+      float* blk = dst + (g * out.OCg_padded + b0) * K * p.Cg;
+      for (int64_t t = 0; t < K; ++t) {
+        const int64_t st = for_input_grad ? K - 1 - t : t;
+        for (int64_t c = 0; c < cn; ++c) {
+          float* d = blk + (t * p.Cg + c0 + c) * width;
+          for (int64_t j = 0; j < valid; ++j) d[j] = stage[(j * kTile + c) * K + st];
+          std::fill(d + valid, d + width, 0.f);
+        }
+      }
+    }
+  });
   if (bias.defined()) {
     at::Tensor b = bias.to(at::kFloat).reshape({p.groups, p.OCg});
+    const int64_t pad = out.OCg_padded - p.OCg;
     out.bias = (pad > 0 ? at::constant_pad_nd(b, {0, pad}) : b).contiguous();
   }
   return out;
 }
 
+// Whether any of the output positions first, first + 1, ..., last reads inside [0, size) at
+// tap k: taps that read only padding are skipped (a third of the work at ASPP's d=12 on 33x33).
+inline bool tap_reads_input(int64_t first, int64_t last, int64_t k, int64_t size, int64_t stride,
+                            int64_t pad, int64_t dilation) {
+  return last * stride + k * dilation - pad >= 0 && first * stride + k * dilation - pad < size;
+}
+
 // y [Ho * Wo][groups * OCg_padded] = the convolution of the packed image.
 inline void direct_forward(const float* xp, const PackedWeights& pw, const DirectProblem& p,
                            const DirectIsa& isa, float* y) {
-  const int64_t C = p.C(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * pw.OCg_padded;
-  std::vector<int64_t> tap_offset(K);
-  for (int64_t t = 0; t < K; ++t) tap_offset[t] = ((t / p.kw) * p.dh * Wp + (t % p.kw) * p.dw) * C;
+  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * pw.OCg_padded;
   const int64_t blocks = ceil_div(pw.OCg_padded, pw.block);
   const float* w = pw.w.const_data_ptr<float>();
   const float* bias = pw.bias.defined() ? pw.bias.const_data_ptr<float>() : nullptr;
+  // Rows split into tiles of nearly equal width (33 = 6+6+6+5+5+5, not 6*5+3).
+  const int64_t row_tiles = ceil_div<int64_t>(p.Wo, isa.max_r);
   // Output rows innermost: neighbouring tasks share one block of weights in cache.
   at::parallel_for(0, p.groups * blocks * p.Ho, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> tap_offset(row_tiles * K), tap_weight(row_tiles * K), taps(row_tiles);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t oh = task % p.Ho, b = (task / p.Ho) % blocks, g = task / p.Ho / blocks;
       const int64_t b0 = b * pw.block, width = std::min(pw.block, pw.OCg_padded - b0);
+      for (int64_t tile = 0; tile < row_tiles; ++tile) {
+        const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
+        taps[tile] = 0;
+        for (int64_t t = 0; t < K; ++t) {
+          const int64_t ky = t / p.kw, kx = t % p.kw;
+          if (!tap_reads_input(oh, oh, ky, p.H, p.sh, p.ph, p.dh) ||
+              !tap_reads_input(ow0, ow1 - 1, kx, p.W, p.sw, p.pw, p.dw))
+            continue;
+          tap_offset[tile * K + taps[tile]] = (ky * p.dh * Wp + kx * p.dw) * C;
+          tap_weight[tile * K + taps[tile]++] = t * p.Cg * width;
+        }
+      }
       DirectForwardTile a;
       a.pixel_step = p.sw * C;
-      a.tap_offset = tap_offset.data();
-      a.taps = K;
       a.channels = p.Cg;
       a.w = w + (g * pw.OCg_padded + b0) * K * p.Cg;
       a.bias = bias ? bias + g * pw.OCg_padded + b0 : nullptr;
       a.y_pixel_step = OCt;
-      for (int64_t ow0 = 0; ow0 < p.Wo; ow0 += isa.max_r) {
+      for (int64_t tile = 0; tile < row_tiles; ++tile) {
+        const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
+        a.tap_offset = tap_offset.data() + tile * K;
+        a.tap_weight = tap_weight.data() + tile * K;
+        a.taps = taps[tile];
         a.x = xp + (oh * p.sh * Wp + ow0 * p.sw) * C + g * p.Cg;
         a.y = y + (oh * p.Wo + ow0) * OCt + g * pw.OCg_padded + b0;
-        isa.forward(static_cast<int>(width / isa.lanes),
-                    static_cast<int>(std::min<int64_t>(isa.max_r, p.Wo - ow0)), a);
+        isa.forward(static_cast<int>(width / isa.lanes), static_cast<int>(ow1 - ow0), a);
       }
     }
   });
 }
 
 // out (groups * OCg, Ho, Wo), any dtype and layout, from y [Ho][Wo][groups][OCg_padded].
-inline void unpack_output(const float* y, const DirectProblem& p, int64_t OCg_padded,
-                          at::Tensor out) {
-  out.view({p.groups, p.OCg, p.Ho, p.Wo})
-      .copy_(float_view(const_cast<float*>(y), {p.Ho, p.Wo, p.groups, OCg_padded})
-                 .narrow(3, 0, p.OCg)
-                 .permute({2, 3, 0, 1}));
+inline void unpack_output(float* y, const DirectProblem& p, int64_t OCg_padded, at::Tensor out) {
+  const int64_t OCt = p.groups * OCg_padded;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "unpack_output",
+                                  [&] {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      transpose_pixels<false>(out.data_ptr<scalar_t>() + g * p.OCg * out.stride(0),
+                              out.stride(0), out.stride(1), out.stride(2), y + g * OCg_padded,
+                              p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
+    }
+  });
 }
 
 // One image of convolution: out (groups * OCg, Ho, Wo) = conv(image (C, H, W)).
@@ -263,16 +366,24 @@ inline void direct_conv_image(const at::Tensor& image, const PackedWeights& pw,
 inline float* pack_grad_output(const at::Tensor& grad_out, const DirectProblem& p,
                                int64_t OCg_padded) {
   float* buf = scratch<float>(kPackedGradOutput, p.Ho * p.Wo * p.groups * OCg_padded);
-  at::Tensor view = float_view(buf, {p.Ho, p.Wo, p.groups, OCg_padded});
-  if (OCg_padded > p.OCg) view.zero_();
-  view.narrow(3, 0, p.OCg).copy_(grad_out.view({p.groups, p.OCg, p.Ho, p.Wo}).permute({2, 3, 0, 1}));
+  const int64_t OCt = p.groups * OCg_padded;
+  if (OCg_padded > p.OCg) std::fill(buf, buf + p.Ho * p.Wo * OCt, 0.f);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
+                                  "pack_grad_output", [&] {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      transpose_pixels<true>(
+          const_cast<scalar_t*>(grad_out.const_data_ptr<scalar_t>()) + g * p.OCg * grad_out.stride(0),
+          grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), buf + g * OCg_padded,
+          p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
+    }
+  });
   return buf;
 }
 
 // dw [groups][tap][Cg][OCg_padded] += the weight gradient of one image.
 inline void direct_weight_grad(const float* xp, const float* dyp, const DirectProblem& p,
                                int64_t OCg_padded, const DirectIsa& isa, float* dw) {
-  const int64_t C = p.C(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * OCg_padded;
+  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * OCg_padded;
   const int64_t block = isa.block(), blocks = ceil_div(OCg_padded, block);
   const int64_t cblocks = ceil_div<int64_t>(p.Cg, isa.max_r);
   // ~128 pixels of grad_output per chunk stay in L1 while a thread runs all its tiles on them.
@@ -284,15 +395,22 @@ inline void direct_weight_grad(const float* xp, const float* dyp, const DirectPr
         const int64_t t = (tile / cblocks / blocks) % K, g = tile / cblocks / blocks / K;
         const int64_t c0 = cb * isa.max_r, b0 = b * block;
         const int64_t ky = t / p.kw, kx = t % p.kw;
+        // Only the output pixels whose tap reads inside the image contribute.
+        const auto rows = valid_output_range<int64_t>(ky, p.H, p.Ho, p.sh, p.ph, p.dh);
+        const auto cols = valid_output_range<int64_t>(kx, p.W, p.Wo, p.sw, p.pw, p.dw);
+        const int64_t r0 = std::max(oh0, rows.first);
+        const int64_t r1 = std::min(oh0 + chunk_rows, std::min(p.Ho, rows.last));
+        if (r0 >= r1 || cols.first >= cols.last) continue;
         DirectWeightGradTile a;
-        a.x = xp + ((oh0 * p.sh + ky * p.dh) * Wp + kx * p.dw) * C + g * p.Cg + c0;
+        a.x = xp + ((r0 * p.sh + ky * p.dh) * Wp + cols.first * p.sw + kx * p.dw) * C +
+              g * p.Cg + c0;
         a.x_row_step = p.sh * Wp * C;
         a.x_pixel_step = p.sw * C;
-        a.dy = dyp + oh0 * p.Wo * OCt + g * OCg_padded + b0;
+        a.dy = dyp + (r0 * p.Wo + cols.first) * OCt + g * OCg_padded + b0;
         a.dy_row_step = p.Wo * OCt;
         a.dy_pixel_step = OCt;
-        a.rows = std::min(chunk_rows, p.Ho - oh0);
-        a.cols = p.Wo;
+        a.rows = r1 - r0;
+        a.cols = cols.last - cols.first;
         a.dw = dw + ((g * K + t) * p.Cg + c0) * OCg_padded + b0;
         a.dw_row_step = OCg_padded;
         isa.weight_grad(static_cast<int>(std::min(block, OCg_padded - b0) / isa.lanes),

@@ -17,9 +17,9 @@ constexpr int kLanes = VLANES;
 constexpr int kMaxNV = DIRECT_MAX_NV;
 constexpr int kMaxR = DIRECT_MAX_R;
 
-// out[r][v] (+)= sum over taps t and channels c of x[r * pixel_step + tap_offset[t] + c] *
-// w[(t * channels + c) * NV * lanes + v * lanes + lane]: R output pixels of one row x NV
-// vectors of output channels.
+// out[r][v] = bias[v] + sum over the listed taps t and channels c of
+// x[r * pixel_step + tap_offset[t] + c] * w[tap_weight[t] + c * NV * lanes + v * lanes + lane]:
+// R output pixels of one row x NV vectors of output channels.
 template <int NV, int R>
 inline void forward_tile(const DirectForwardTile& a) {
   constexpr int64_t wstep = NV * kLanes;
@@ -30,7 +30,7 @@ inline void forward_tile(const DirectForwardTile& a) {
     for (int v = 0; v < NV; ++v) acc[r][v] = a.bias ? VLOAD(a.bias + v * kLanes) : VZERO();
   for (int64_t t = 0; t < a.taps; ++t) {
     const float* x = a.x + a.tap_offset[t];
-    const float* w = a.w + t * a.channels * wstep;
+    const float* w = a.w + a.tap_weight[t];
     for (int64_t c = 0; c < a.channels; ++c, w += wstep) {
       VREG wv[NV];
 #pragma GCC unroll 8
