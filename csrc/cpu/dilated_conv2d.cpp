@@ -58,8 +58,8 @@ void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& i
   const int64_t OCgp = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
   at::Tensor dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::TensorOptions().dtype(at::kFloat));
   for (int64_t n = 0; n < g.N; ++n) {
-    const float* xp = pack_image(input[n], p);
-    const float* dyp = pack_grad_output(grad_output[n], p, OCgp);
+    const float* xp = pack_image(input[n], p, isa);
+    const float* dyp = pack_grad_output(grad_output[n], p, OCgp, isa);
     direct_weight_grad(xp, dyp, p, OCgp, isa, dw.data_ptr<float>());
   }
   grad_weight.copy_(

@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "common/conv_geometry.h"
@@ -76,6 +77,37 @@ struct DirectWeightGradTile {
 #define DIRECT_MAX_NV 4  // 4 x 6 accumulators + 4 weights + 1 broadcast of 32 registers
 #define DIRECT_MAX_R 6
 #include "cpu/direct_conv_kernels.h"
+namespace avx512 {
+// dst[j * dst_step + i] = src[i * src_step + j] for a 16 x 16 float tile, in registers:
+// 32-bit, 64-bit, then two 128-bit-lane interleaving rounds.
+inline void transpose16(const float* src, int64_t src_step, float* dst, int64_t dst_step) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * src_step);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * i + 2]), d = _mm512_castps_pd(t[4 * i + 3]);
+    r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88);
+    t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * dst_step, r[i]);
+}
+}  // namespace avx512
 #undef DIRECT_NS
 #undef VREG
 #undef VLANES
@@ -119,6 +151,8 @@ struct DirectIsa {
   int lanes, max_nv, max_r;
   void (*forward)(int nv, int r, const DirectForwardTile&);
   void (*weight_grad)(int nv, int r, const DirectWeightGradTile&);
+  // 16 x 16 float transpose for the layout changes, or null (then scalar loops).
+  void (*transpose16)(const float* src, int64_t src_step, float* dst, int64_t dst_step);
   int64_t block() const { return int64_t(lanes) * max_nv; }
 };
 
@@ -126,9 +160,9 @@ struct DirectIsa {
 inline const DirectIsa* direct_isa() {
 #ifdef CONVOPS_DIRECT_X86
   static const DirectIsa kAvx512{"avx512", avx512::kLanes, avx512::kMaxNV, avx512::kMaxR,
-                                 avx512::forward, avx512::weight_grad};
+                                 avx512::forward, avx512::weight_grad, avx512::transpose16};
   static const DirectIsa kAvx2{"avx2", avx2::kLanes, avx2::kMaxNV, avx2::kMaxR, avx2::forward,
-                               avx2::weight_grad};
+                               avx2::weight_grad, nullptr};
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (env_is("CONVOPS_CPU_IMPL", "engine")) return nullptr;
@@ -162,8 +196,8 @@ enum DirectScratch { kPackedImage = 3, kPackedOutput = 4, kPackedGradOutput = 5 
 // sy, sx) and a float pixel-major buffer (buf[row * row_step + col * pixel_step + channel]),
 // one row per task, in 16 x 16 tiles so that the strided side of the transpose stays in L1.
 template <bool kToBuffer, typename scalar_t>
-void transpose_pixels(scalar_t* t, int64_t sc, int64_t sy, int64_t sx, float* buf,
-                      int64_t row_step, int64_t pixel_step, int64_t C, int64_t rows,
+void transpose_pixels(const DirectIsa& isa, scalar_t* t, int64_t sc, int64_t sy, int64_t sx,
+                      float* buf, int64_t row_step, int64_t pixel_step, int64_t C, int64_t rows,
                       int64_t cols) {
   constexpr int64_t kTile = 16;
   const auto move = [](scalar_t& tv, float& bv) {
@@ -178,6 +212,15 @@ void transpose_pixels(scalar_t* t, int64_t sc, int64_t sy, int64_t sx, float* bu
         const int64_t c1 = std::min(C, c0 + kTile);
         for (int64_t x0 = 0; x0 < cols; x0 += kTile) {
           const int64_t x1 = std::min(cols, x0 + kTile);
+          if constexpr (std::is_same_v<scalar_t, float>) {
+            if (isa.transpose16 && sx == 1 && c1 - c0 == kTile && x1 - x0 == kTile) {
+              float* tt = trow + c0 * sc + x0;
+              float* bt = brow + x0 * pixel_step + c0;
+              if (kToBuffer) isa.transpose16(tt, sc, bt, pixel_step);
+              else isa.transpose16(bt, pixel_step, tt, sc);
+              continue;
+            }
+          }
           if (sx <= sc) {  // NCHW-like: walk the tensor's rows
             for (int64_t c = c0; c < c1; ++c)
               for (int64_t x = x0; x < x1; ++x) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
@@ -193,7 +236,8 @@ void transpose_pixels(scalar_t* t, int64_t sc, int64_t sy, int64_t sx, float* bu
 
 // image (C, H, W), any dtype and strides -> zero-padded float [padded_h][padded_w][C], pixels
 // pixel_stride() floats apart.
-inline float* pack_image(const at::Tensor& image, const DirectProblem& p) {
+inline float* pack_image(const at::Tensor& image, const DirectProblem& p,
+                         const DirectIsa& isa) {
   const int64_t Hp = p.padded_h(), Wp = p.padded_w(), C = p.pixel_stride();
   float* buf = scratch<float>(kPackedImage, Hp * Wp * C);
   const int64_t y0 = std::max<int64_t>(0, -p.ph), y1 = std::min(p.H, Hp - p.ph);
@@ -215,7 +259,7 @@ inline float* pack_image(const at::Tensor& image, const DirectProblem& p) {
   if (any) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "pack_image",
                                     [&] {
-      transpose_pixels<true>(const_cast<scalar_t*>(image.const_data_ptr<scalar_t>()) +
+      transpose_pixels<true>(isa, const_cast<scalar_t*>(image.const_data_ptr<scalar_t>()) +
                                  y0 * image.stride(1) + x0 * image.stride(2),
                              image.stride(0), image.stride(1), image.stride(2),
                              buf + ((y0 + p.ph) * Wp + x0 + p.pw) * C, Wp * C, C, p.C(), y1 - y0,
@@ -341,12 +385,13 @@ inline void direct_forward(const float* xp, const PackedWeights& pw, const Direc
 }
 
 // out (groups * OCg, Ho, Wo), any dtype and layout, from y [Ho][Wo][groups][OCg_padded].
-inline void unpack_output(float* y, const DirectProblem& p, int64_t OCg_padded, at::Tensor out) {
+inline void unpack_output(float* y, const DirectProblem& p, int64_t OCg_padded,
+                          const DirectIsa& isa, at::Tensor out) {
   const int64_t OCt = p.groups * OCg_padded;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "unpack_output",
                                   [&] {
     for (int64_t g = 0; g < p.groups; ++g) {
-      transpose_pixels<false>(out.data_ptr<scalar_t>() + g * p.OCg * out.stride(0),
+      transpose_pixels<false>(isa, out.data_ptr<scalar_t>() + g * p.OCg * out.stride(0),
                               out.stride(0), out.stride(1), out.stride(2), y + g * OCg_padded,
                               p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
     }
@@ -356,15 +401,15 @@ inline void unpack_output(float* y, const DirectProblem& p, int64_t OCg_padded, 
 // One image of convolution: out (groups * OCg, Ho, Wo) = conv(image (C, H, W)).
 inline void direct_conv_image(const at::Tensor& image, const PackedWeights& pw,
                               const DirectProblem& p, const DirectIsa& isa, at::Tensor out) {
-  const float* xp = pack_image(image, p);
+  const float* xp = pack_image(image, p, isa);
   float* y = scratch<float>(kPackedOutput, p.Ho * p.Wo * p.groups * pw.OCg_padded);
   direct_forward(xp, pw, p, isa, y);
-  unpack_output(y, p, pw.OCg_padded, out);
+  unpack_output(y, p, pw.OCg_padded, isa, out);
 }
 
 // grad_output image (groups * OCg, Ho, Wo) -> float [Ho * Wo][groups][OCg_padded], padding 0.
 inline float* pack_grad_output(const at::Tensor& grad_out, const DirectProblem& p,
-                               int64_t OCg_padded) {
+                               int64_t OCg_padded, const DirectIsa& isa) {
   float* buf = scratch<float>(kPackedGradOutput, p.Ho * p.Wo * p.groups * OCg_padded);
   const int64_t OCt = p.groups * OCg_padded;
   if (OCg_padded > p.OCg) std::fill(buf, buf + p.Ho * p.Wo * OCt, 0.f);
@@ -372,7 +417,7 @@ inline float* pack_grad_output(const at::Tensor& grad_out, const DirectProblem& 
                                   "pack_grad_output", [&] {
     for (int64_t g = 0; g < p.groups; ++g) {
       transpose_pixels<true>(
-          const_cast<scalar_t*>(grad_out.const_data_ptr<scalar_t>()) + g * p.OCg * grad_out.stride(0),
+          isa, const_cast<scalar_t*>(grad_out.const_data_ptr<scalar_t>()) + g * p.OCg * grad_out.stride(0),
           grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), buf + g * OCg_padded,
           p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
     }
