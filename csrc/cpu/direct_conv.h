@@ -190,46 +190,53 @@ struct DirectProblem {
 };
 
 // Scratch slots after the gather engine's (cpu/gather_engine.h uses 0..2).
-enum DirectScratch { kPackedImage = 3, kPackedOutput = 4, kPackedGradOutput = 5 };
+enum DirectScratch { kPackedImage = 3, kPackedGradOutput = 4 };
 
-// Moves a (C, rows, cols) block between a tensor of any floating dtype (element strides sc,
-// sy, sx) and a float pixel-major buffer (buf[row * row_step + col * pixel_step + channel]),
-// one row per task, in 16 x 16 tiles so that the strided side of the transpose stays in L1.
+// Moves one row of (C, cols) values between a tensor of any floating dtype (element strides
+// sc, sx) and a float pixel-major row (buf[col * pixel_step + channel]), in 16 x 16 tiles so
+// that the strided side of the transpose stays in L1.
 template <bool kToBuffer, typename scalar_t>
-void transpose_pixels(const DirectIsa& isa, scalar_t* t, int64_t sc, int64_t sy, int64_t sx,
-                      float* buf, int64_t row_step, int64_t pixel_step, int64_t C, int64_t rows,
-                      int64_t cols) {
+void transpose_row(const DirectIsa& isa, scalar_t* trow, int64_t sc, int64_t sx, float* brow,
+                   int64_t pixel_step, int64_t C, int64_t cols) {
   constexpr int64_t kTile = 16;
   const auto move = [](scalar_t& tv, float& bv) {
     if constexpr (kToBuffer) bv = static_cast<float>(tv);
     else tv = static_cast<scalar_t>(bv);
   };
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t y = begin; y < end; ++y) {
-      scalar_t* trow = t + y * sy;
-      float* brow = buf + y * row_step;
-      for (int64_t c0 = 0; c0 < C; c0 += kTile) {
-        const int64_t c1 = std::min(C, c0 + kTile);
-        for (int64_t x0 = 0; x0 < cols; x0 += kTile) {
-          const int64_t x1 = std::min(cols, x0 + kTile);
-          if constexpr (std::is_same_v<scalar_t, float>) {
-            if (isa.transpose16 && sx == 1 && c1 - c0 == kTile && x1 - x0 == kTile) {
-              float* tt = trow + c0 * sc + x0;
-              float* bt = brow + x0 * pixel_step + c0;
-              if (kToBuffer) isa.transpose16(tt, sc, bt, pixel_step);
-              else isa.transpose16(bt, pixel_step, tt, sc);
-              continue;
-            }
-          }
-          if (sx <= sc) {  // NCHW-like: walk the tensor's rows
-            for (int64_t c = c0; c < c1; ++c)
-              for (int64_t x = x0; x < x1; ++x) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
-          } else {  // channels last: walk its pixels
-            for (int64_t x = x0; x < x1; ++x)
-              for (int64_t c = c0; c < c1; ++c) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
-          }
+  for (int64_t c0 = 0; c0 < C; c0 += kTile) {
+    const int64_t c1 = std::min(C, c0 + kTile);
+    for (int64_t x0 = 0; x0 < cols; x0 += kTile) {
+      const int64_t x1 = std::min(cols, x0 + kTile);
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (isa.transpose16 && sx == 1 && c1 - c0 == kTile && x1 - x0 == kTile) {
+          float* tt = trow + c0 * sc + x0;
+          float* bt = brow + x0 * pixel_step + c0;
+          if (kToBuffer) isa.transpose16(tt, sc, bt, pixel_step);
+          else isa.transpose16(bt, pixel_step, tt, sc);
+          continue;
         }
       }
+      if (sx <= sc) {  // NCHW-like: walk the tensor's rows
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t x = x0; x < x1; ++x) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
+      } else {  // channels last: walk its pixels
+        for (int64_t x = x0; x < x1; ++x)
+          for (int64_t c = c0; c < c1; ++c) move(trow[c * sc + x * sx], brow[x * pixel_step + c]);
+      }
+    }
+  }
+}
+
+// (C, rows, cols) of a tensor -> float buffer [row * row_step + col * pixel_step + channel],
+// one row per task.
+template <typename scalar_t>
+void gather_pixels(const DirectIsa& isa, const scalar_t* t, int64_t sc, int64_t sy, int64_t sx,
+                   float* buf, int64_t row_step, int64_t pixel_step, int64_t C, int64_t rows,
+                   int64_t cols) {
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t y = begin; y < end; ++y) {
+      transpose_row<true>(isa, const_cast<scalar_t*>(t) + y * sy, sc, sx, buf + y * row_step,
+                          pixel_step, C, cols);
     }
   });
 }
@@ -259,11 +266,11 @@ inline float* pack_image(const at::Tensor& image, const DirectProblem& p,
   if (any) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, image.scalar_type(), "pack_image",
                                     [&] {
-      transpose_pixels<true>(isa, const_cast<scalar_t*>(image.const_data_ptr<scalar_t>()) +
-                                 y0 * image.stride(1) + x0 * image.stride(2),
-                             image.stride(0), image.stride(1), image.stride(2),
-                             buf + ((y0 + p.ph) * Wp + x0 + p.pw) * C, Wp * C, C, p.C(), y1 - y0,
-                             x1 - x0);
+      gather_pixels(isa, image.const_data_ptr<scalar_t>() + y0 * image.stride(1) +
+                             x0 * image.stride(2),
+                    image.stride(0), image.stride(1), image.stride(2),
+                    buf + ((y0 + p.ph) * Wp + x0 + p.pw) * C, Wp * C, C, p.C(), y1 - y0,
+                    x1 - x0);
     });
   }
   return buf;
@@ -338,73 +345,66 @@ inline bool tap_reads_input(int64_t first, int64_t last, int64_t k, int64_t size
   return last * stride + k * dilation - pad >= 0 && first * stride + k * dilation - pad < size;
 }
 
-// y [Ho * Wo][groups * OCg_padded] = the convolution of the packed image.
+// out (groups * OCg, Ho, Wo), any floating dtype and layout = the convolution of the packed
+// image. A task computes one output row of one block of output channels into a small
+// pixel-major buffer and writes it to `out` while it is still in L1.
 inline void direct_forward(const float* xp, const PackedWeights& pw, const DirectProblem& p,
-                           const DirectIsa& isa, float* y) {
-  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * pw.OCg_padded;
+                           const DirectIsa& isa, at::Tensor out) {
+  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w();
   const int64_t blocks = ceil_div(pw.OCg_padded, pw.block);
   const float* w = pw.w.const_data_ptr<float>();
   const float* bias = pw.bias.defined() ? pw.bias.const_data_ptr<float>() : nullptr;
   // Rows split into tiles of nearly equal width (33 = 6+6+6+5+5+5, not 6*5+3).
   const int64_t row_tiles = ceil_div<int64_t>(p.Wo, isa.max_r);
-  // Output rows innermost: neighbouring tasks share one block of weights in cache.
-  at::parallel_for(0, p.groups * blocks * p.Ho, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> tap_offset(row_tiles * K), tap_weight(row_tiles * K), taps(row_tiles);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t oh = task % p.Ho, b = (task / p.Ho) % blocks, g = task / p.Ho / blocks;
-      const int64_t b0 = b * pw.block, width = std::min(pw.block, pw.OCg_padded - b0);
-      for (int64_t tile = 0; tile < row_tiles; ++tile) {
-        const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
-        taps[tile] = 0;
-        for (int64_t t = 0; t < K; ++t) {
-          const int64_t ky = t / p.kw, kx = t % p.kw;
-          if (!tap_reads_input(oh, oh, ky, p.H, p.sh, p.ph, p.dh) ||
-              !tap_reads_input(ow0, ow1 - 1, kx, p.W, p.sw, p.pw, p.dw))
-            continue;
-          tap_offset[tile * K + taps[tile]] = (ky * p.dh * Wp + kx * p.dw) * C;
-          tap_weight[tile * K + taps[tile]++] = t * p.Cg * width;
-        }
-      }
-      DirectForwardTile a;
-      a.pixel_step = p.sw * C;
-      a.channels = p.Cg;
-      a.w = w + (g * pw.OCg_padded + b0) * K * p.Cg;
-      a.bias = bias ? bias + g * pw.OCg_padded + b0 : nullptr;
-      a.y_pixel_step = OCt;
-      for (int64_t tile = 0; tile < row_tiles; ++tile) {
-        const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
-        a.tap_offset = tap_offset.data() + tile * K;
-        a.tap_weight = tap_weight.data() + tile * K;
-        a.taps = taps[tile];
-        a.x = xp + (oh * p.sh * Wp + ow0 * p.sw) * C + g * p.Cg;
-        a.y = y + (oh * p.Wo + ow0) * OCt + g * pw.OCg_padded + b0;
-        isa.forward(static_cast<int>(width / isa.lanes), static_cast<int>(ow1 - ow0), a);
-      }
-    }
-  });
-}
-
-// out (groups * OCg, Ho, Wo), any dtype and layout, from y [Ho][Wo][groups][OCg_padded].
-inline void unpack_output(float* y, const DirectProblem& p, int64_t OCg_padded,
-                          const DirectIsa& isa, at::Tensor out) {
-  const int64_t OCt = p.groups * OCg_padded;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "unpack_output",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "direct_forward",
                                   [&] {
-    for (int64_t g = 0; g < p.groups; ++g) {
-      transpose_pixels<false>(isa, out.data_ptr<scalar_t>() + g * p.OCg * out.stride(0),
-                              out.stride(0), out.stride(1), out.stride(2), y + g * OCg_padded,
-                              p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
-    }
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t so = out.stride(0), sy = out.stride(1), sx = out.stride(2);
+    // Output rows innermost: neighbouring tasks share one block of weights in cache.
+    at::parallel_for(0, p.groups * blocks * p.Ho, 1, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> tap_offset(row_tiles * K), tap_weight(row_tiles * K), taps(row_tiles);
+      std::vector<float> row(p.Wo * pw.block);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t oh = task % p.Ho, b = (task / p.Ho) % blocks, g = task / p.Ho / blocks;
+        const int64_t b0 = b * pw.block, width = std::min(pw.block, pw.OCg_padded - b0);
+        for (int64_t tile = 0; tile < row_tiles; ++tile) {
+          const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
+          taps[tile] = 0;
+          for (int64_t t = 0; t < K; ++t) {
+            const int64_t ky = t / p.kw, kx = t % p.kw;
+            if (!tap_reads_input(oh, oh, ky, p.H, p.sh, p.ph, p.dh) ||
+                !tap_reads_input(ow0, ow1 - 1, kx, p.W, p.sw, p.pw, p.dw))
+              continue;
+            tap_offset[tile * K + taps[tile]] = (ky * p.dh * Wp + kx * p.dw) * C;
+            tap_weight[tile * K + taps[tile]++] = t * p.Cg * width;
+          }
+        }
+        DirectForwardTile a;
+        a.pixel_step = p.sw * C;
+        a.channels = p.Cg;
+        a.w = w + (g * pw.OCg_padded + b0) * K * p.Cg;
+        a.bias = bias ? bias + g * pw.OCg_padded + b0 : nullptr;
+        a.y_pixel_step = width;
+        for (int64_t tile = 0; tile < row_tiles; ++tile) {
+          const int64_t ow0 = tile * p.Wo / row_tiles, ow1 = (tile + 1) * p.Wo / row_tiles;
+          a.tap_offset = tap_offset.data() + tile * K;
+          a.tap_weight = tap_weight.data() + tile * K;
+          a.taps = taps[tile];
+          a.x = xp + (oh * p.sh * Wp + ow0 * p.sw) * C + g * p.Cg;
+          a.y = row.data() + ow0 * width;
+          isa.forward(static_cast<int>(width / isa.lanes), static_cast<int>(ow1 - ow0), a);
+        }
+        transpose_row<false>(isa, o + (g * p.OCg + b0) * so + oh * sy, so, sx, row.data(), width,
+                             std::min(width, p.OCg - b0), p.Wo);
+      }
+    });
   });
 }
 
 // One image of convolution: out (groups * OCg, Ho, Wo) = conv(image (C, H, W)).
 inline void direct_conv_image(const at::Tensor& image, const PackedWeights& pw,
                               const DirectProblem& p, const DirectIsa& isa, at::Tensor out) {
-  const float* xp = pack_image(image, p, isa);
-  float* y = scratch<float>(kPackedOutput, p.Ho * p.Wo * p.groups * pw.OCg_padded);
-  direct_forward(xp, pw, p, isa, y);
-  unpack_output(y, p, pw.OCg_padded, isa, out);
+  direct_forward(pack_image(image, p, isa), pw, p, isa, out);
 }
 
 // grad_output image (groups * OCg, Ho, Wo) -> float [Ho * Wo][groups][OCg_padded], padding 0.
@@ -416,10 +416,9 @@ inline float* pack_grad_output(const at::Tensor& grad_out, const DirectProblem& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(),
                                   "pack_grad_output", [&] {
     for (int64_t g = 0; g < p.groups; ++g) {
-      transpose_pixels<true>(
-          isa, const_cast<scalar_t*>(grad_out.const_data_ptr<scalar_t>()) + g * p.OCg * grad_out.stride(0),
-          grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), buf + g * OCg_padded,
-          p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
+      gather_pixels(isa, grad_out.const_data_ptr<scalar_t>() + g * p.OCg * grad_out.stride(0),
+                    grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                    buf + g * OCg_padded, p.Wo * OCt, OCt, p.OCg, p.Ho, p.Wo);
     }
   });
   return buf;
@@ -431,14 +430,15 @@ inline void direct_weight_grad(const float* xp, const float* dyp, const DirectPr
   const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * OCg_padded;
   const int64_t block = isa.block(), blocks = ceil_div(OCg_padded, block);
   const int64_t cblocks = ceil_div<int64_t>(p.Cg, isa.max_r);
-  // ~128 pixels of grad_output per chunk stay in L1 while a thread runs all its tiles on them.
+  // ~128 pixels of grad_output per chunk stay in cache while a thread runs all its tiles on them.
   const int64_t chunk_rows = std::max<int64_t>(1, 128 / p.Wo);
   at::parallel_for(0, p.groups * K * blocks * cblocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t oh0 = 0; oh0 < p.Ho; oh0 += chunk_rows) {
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t cb = tile % cblocks, b = (tile / cblocks) % blocks;
         const int64_t t = (tile / cblocks / blocks) % K, g = tile / cblocks / blocks / K;
-        const int64_t c0 = cb * isa.max_r, b0 = b * block;
+        // Channel tiles of nearly equal size (128 = 6 * 18 + 5 * 4, not 6 * 21 + 2).
+        const int64_t c0 = cb * p.Cg / cblocks, c1 = (cb + 1) * p.Cg / cblocks, b0 = b * block;
         const int64_t ky = t / p.kw, kx = t % p.kw;
         // Only the output pixels whose tap reads inside the image contribute.
         const auto rows = valid_output_range<int64_t>(ky, p.H, p.Ho, p.sh, p.ph, p.dh);
@@ -459,7 +459,7 @@ inline void direct_weight_grad(const float* xp, const float* dyp, const DirectPr
         a.dw = dw + ((g * K + t) * p.Cg + c0) * OCg_padded + b0;
         a.dw_row_step = OCg_padded;
         isa.weight_grad(static_cast<int>(std::min(block, OCg_padded - b0) / isa.lanes),
-                        static_cast<int>(std::min<int64_t>(isa.max_r, p.Cg - c0)), a);
+                        static_cast<int>(c1 - c0), a);
       }
     }
   });
