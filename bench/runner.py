@@ -62,12 +62,25 @@ def _rss_kib(field: str) -> Optional[int]:
 
 def fix_malloc_threshold() -> None:
     """Make glibc serve every large allocation with mmap (and return it on free), so the CPU
-    peak-RSS measurement sees each call's buffers instead of memory recycled from the heap."""
+    peak-RSS measurement sees each call's buffers instead of memory recycled from the heap.
+
+    Only for the memory pass, after all timing: it makes every large allocation page-fault,
+    which slows whoever allocates per call (oneDNN, torchvision) and would skew the timings."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
         M_MMAP_THRESHOLD = -3
         libc.mallopt(M_MMAP_THRESHOLD, 256 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trim_heap() -> None:
+    """Give free heap pages back to the OS (glibc malloc_trim), so that a call reusing them
+    faults them in again and its peak resident set counts them."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
 
@@ -78,6 +91,7 @@ def _peak_extra_bytes(fn, device: str) -> Optional[int]:
     CUDA: the caching allocator's peak. CPU: the process's peak resident set, reset through
     /proc/self/clear_refs (Linux), so buffers from malloc/new count too; None elsewhere."""
     if device != "cuda":
+        _trim_heap()
         before = _rss_kib("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
@@ -95,8 +109,18 @@ def _peak_extra_bytes(fn, device: str) -> Optional[int]:
     return torch.cuda.max_memory_allocated() - before
 
 
+def measure_deferred_memory(deferred) -> None:
+    """The CPU memory pass: peak extra memory of every (row, call) run_case deferred."""
+    fix_malloc_threshold()
+    for row, fn in deferred:
+        row["peak_extra_bytes"] = _peak_extra_bytes(fn, row["device"])
+
+
 def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settings,
-             implementations: Optional[Dict] = None, once: bool = False) -> List[dict]:
+             implementations: Optional[Dict] = None, once: bool = False,
+             deferred_memory: Optional[list] = None) -> List[dict]:
+    """Check and time every pass. Peak memory is measured right after a row's timing, or, when
+    deferred_memory is a list, (row, call) is appended to it for measure_deferred_memory."""
     impls = implementations or impls_mod.implementations(case)
     names = list(impls)
     tensors = impls_mod.make_tensors(case, dtype, device, channels_last)
@@ -158,8 +182,11 @@ def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settin
                         settings["min_seconds"], name=f"{case.name}/{pass_name}/{name}")
                     row.update(status="ok", median_s=median, spread=spread, samples=count,
                                gbps=row["bytes"] / median / 1e9,
-                               tflops=row["flops"] / median / 1e12,
-                               peak_extra_bytes=_peak_extra_bytes(fn, device))
+                               tflops=row["flops"] / median / 1e12)
+                    if deferred_memory is None:
+                        row["peak_extra_bytes"] = _peak_extra_bytes(fn, device)
+                    else:
+                        deferred_memory.append((row, fn))
             except Exception as exc:
                 # A baseline without this dtype (torchvision has no bf16) is "unsupported".
                 unsupported = name != names[0] and "not implemented" in str(exc)
