@@ -40,7 +40,7 @@ void direct_forward_batch(const at::Tensor& input, const at::Tensor& weight,
                           at::Tensor& out) {
   const DirectProblem p = forward_problem(g);
   const PackedWeights pw = pack_weights(weight, bias, p, isa);
-  for (int64_t n = 0; n < g.N; ++n) direct_conv_image(input[n], pw, p, isa, out[n]);
+  direct_conv_batch(input, pw, p, isa, kInputImages, out);
 }
 
 void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& weight,
@@ -48,7 +48,7 @@ void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& we
                              at::Tensor& grad_input) {
   const DirectProblem p = input_grad_problem(g);
   const PackedWeights pw = pack_weights(weight, at::Tensor(), p, isa, /*for_input_grad=*/true);
-  for (int64_t n = 0; n < g.N; ++n) direct_conv_image(grad_output[n], pw, p, isa, grad_input[n]);
+  direct_conv_batch(grad_output, pw, p, isa, kGradOutputImages, grad_input);
 }
 
 void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& input,
@@ -58,7 +58,7 @@ void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& i
   const int64_t OCgp = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
   at::Tensor dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::TensorOptions().dtype(at::kFloat));
   for (int64_t n = 0; n < g.N; ++n) {
-    const float* xp = pack_image(input[n], p, isa);
+    const float* xp = pack_images(input, n, 1, p, isa, kInputImages);
     const float* dyp = pack_grad_output(grad_output[n], p, OCgp, isa);
     direct_weight_grad(xp, dyp, p, OCgp, isa, dw.data_ptr<float>());
   }
