@@ -305,10 +305,10 @@ inline const float* pack_images(const at::Tensor& batch, int64_t n0, int64_t cou
   return buf;
 }
 
-// Images per pack: all of them, or as many as fit in 64 MiB of padded floats.
+// Images per pack: all of them, or as many as fit in 16 MiB of padded floats (at least one).
 inline int64_t images_per_pack(const DirectProblem& p, int64_t N) {
   const int64_t per_image = p.padded_h() * p.padded_w() * p.pixel_stride();
-  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(16) << 20) / per_image));
+  return std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(4) << 20) / per_image));
 }
 
 // Output channels are padded per group to a whole number of vectors.
