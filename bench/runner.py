@@ -8,7 +8,7 @@ import torch
 from . import impls as impls_mod
 from .cases import Case
 from .metrics import pass_bytes, pass_flops
-from .timing import nvtx_range, time_fn
+from .timing import nvtx_range, time_interleaved
 
 # Loose, norm-wise tolerances for the gate (relative to max |reference|): the gate catches
 # broken kernels, the test suite checks precision.
@@ -160,39 +160,44 @@ def run_case(case: Case, dtype, device: str, channels_last: bool, passes, settin
                     problem = None
         except Exception as exc:  # a crash is reported, not timed
             problem = f"error: {type(exc).__name__}: {exc}"[:300]
-        group = []
+        group, timed = [], {}
         for name in names:
             row = dict(base, impl=impls_mod.baseline_label(name, device))
+            group.append(row)
             if name == reference_name and baseline_note:
                 row["baseline_inaccurate"] = baseline_note
-            fn_pass = impls[name][pass_name]
             if name == names[0] and problem is not None:
                 row.update(status="wrong", reason=problem)
-                group.append(row)
                 continue
-            fn = lambda i, f=fn_pass: f(sets[i % len(sets)])  # noqa: E731
+            fn = lambda i, f=impls[name][pass_name]: f(sets[i % len(sets)])  # noqa: E731
             try:
                 if once:
                     with nvtx_range(f"{case.name}/{pass_name}/{name}", device == "cuda"):
                         fn(0)
                     row.update(status="ran-once")
                 else:
-                    median, spread, count = time_fn(
-                        fn, device, settings["warmup"], settings["repeats"],
-                        settings["min_seconds"], name=f"{case.name}/{pass_name}/{name}")
-                    row.update(status="ok", median_s=median, spread=spread, samples=count,
-                               gbps=row["bytes"] / median / 1e9,
-                               tflops=row["flops"] / median / 1e12)
-                    if deferred_memory is None:
-                        row["peak_extra_bytes"] = _peak_extra_bytes(fn, device)
-                    else:
-                        deferred_memory.append((row, fn))
+                    fn(0)  # a baseline that cannot run this case says so here
+                    timed[name] = (row, fn)
             except Exception as exc:
                 # A baseline without this dtype (torchvision has no bf16) is "unsupported".
                 unsupported = name != names[0] and "not implemented" in str(exc)
                 row.update(status="unsupported" if unsupported else "error",
                            reason=f"{type(exc).__name__}: {exc}"[:300])
-            group.append(row)
+        if timed:
+            # Every implementation of the row in one interleaved loop: fair ratios on a noisy
+            # machine.
+            results = time_interleaved({name: fn for name, (_, fn) in timed.items()}, device,
+                                       settings["warmup"], settings["repeats"],
+                                       settings["min_seconds"], name=f"{case.name}/{pass_name}")
+            for name, (row, fn) in timed.items():
+                median, spread, count = results[name]
+                row.update(status="ok", median_s=median, spread=spread, samples=count,
+                           gbps=row["bytes"] / median / 1e9,
+                           tflops=row["flops"] / median / 1e12)
+                if deferred_memory is None:
+                    row["peak_extra_bytes"] = _peak_extra_bytes(fn, device)
+                else:
+                    deferred_memory.append((row, fn))
         ours_row = group[0]
         if ours_row.get("status") == "ok":
             for other in group[1:]:

@@ -17,35 +17,54 @@ def nvtx_range(name: str, enabled: bool):
             torch.cuda.nvtx.range_pop()
 
 
-def time_fn(fn, device: str, warmup: int, repeats: int, min_seconds: float, name: str = ""):
-    """Per-call seconds: (median, spread as (p75 - p25) / median, samples)."""
-    cuda = device == "cuda"
-    for _ in range(warmup):
-        fn(0)
-    if cuda:
-        torch.cuda.synchronize()
-    samples = []
-    start_all = time.perf_counter()
-    i = 0
-    while i < repeats or (time.perf_counter() - start_all < min_seconds and i < 50 * repeats):
-        with nvtx_range(f"{name}#{i}", cuda):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
-                    enable_timing=True)
-                start.record()
-                fn(i)
-                end.record()
-                end.synchronize()
-                samples.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn(i)
-                samples.append(time.perf_counter() - t0)
-        i += 1
-    samples.sort()
+def _timed_call(fn, i: int, cuda: bool, name: str) -> float:
+    with nvtx_range(f"{name}#{i}", cuda):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        fn(i)
+        return time.perf_counter() - t0
+
+
+def _summary(samples):
+    samples = sorted(samples)
     median = statistics.median(samples)
     q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
     return median, (q(0.75) - q(0.25)) / median if median > 0 else 0.0, len(samples)
+
+
+def time_interleaved(fns, device: str, warmup: int, repeats: int, min_seconds: float,
+                     name: str = ""):
+    """Per-call seconds of several functions, {key: (median, spread as (p75 - p25) / median,
+    samples)}. Calls alternate between the functions, one sample each per round, so a machine
+    that slows down or speeds up (shared hosts, clocks) moves every function alike and the
+    ratios stay fair."""
+    cuda = device == "cuda"
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn(0)
+    if cuda:
+        torch.cuda.synchronize()
+    samples = {key: [] for key in fns}
+    start_all = time.perf_counter()
+    budget = min_seconds * len(fns)
+    i = 0
+    while i < repeats or (time.perf_counter() - start_all < budget and i < 50 * repeats):
+        for key, fn in fns.items():
+            samples[key].append(_timed_call(fn, i, cuda, f"{name}/{key}"))
+        i += 1
+    return {key: _summary(values) for key, values in samples.items()}
+
+
+def time_fn(fn, device: str, warmup: int, repeats: int, min_seconds: float, name: str = ""):
+    """Per-call seconds of one function: (median, spread as (p75 - p25) / median, samples)."""
+    return time_interleaved({name: fn}, device, warmup, repeats, min_seconds, name)[name]
 
 
 def copy_bandwidth(device: str) -> float:
