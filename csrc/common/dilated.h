@@ -1,5 +1,6 @@
-// Dilated (atrous) convolution on the gather engine: its geometry and the integer sampler,
-// which plays the role of deformable convolution's bilinear sampler (common/deform.h).
+// Dilated (atrous) convolution: its geometry (both backends, both CPU paths) and the integer
+// sampler with which the gather engine runs it (CUDA; CPU float64, non-x86 and strided input
+// gradients), in the role of deformable convolution's bilinear sampler (common/deform.h).
 #pragma once
 
 #include <ATen/core/Tensor.h>

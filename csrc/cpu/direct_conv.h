@@ -249,8 +249,8 @@ enum DirectScratch { kPackedGradOutput = 3 };
 enum PaddedSlot { kInputImages = 0, kGradOutputImages = 1, kPaddedSlots = 2 };
 
 struct PaddedImages {
-  std::unique_ptr<float[]> data;
-  int64_t capacity = 0, zeroed = 0;  // images whose borders are known to be zero
+  AlignedArray<float> buffer;
+  int64_t zeroed = 0;  // images whose borders are known to be zero
   std::array<int64_t, 7> key{};
 };
 
@@ -262,17 +262,13 @@ inline const float* pack_images(const at::Tensor& batch, int64_t n0, int64_t cou
   PaddedImages& b = slots[slot];
   const int64_t Hp = p.padded_h(), Wp = p.padded_w(), C = p.pixel_stride();
   const int64_t per_image = Hp * Wp * C;
-  if (b.capacity < per_image * count) {
-    b.data.reset(new float[per_image * count]);
-    b.capacity = per_image * count;
-    b.zeroed = 0;
-  }
+  if (b.buffer.reserve(per_image * count)) b.zeroed = 0;
   const std::array<int64_t, 7> key{Hp, Wp, C, p.ph, p.pw, p.H, p.W};
   if (key != b.key) {
     b.key = key;
     b.zeroed = 0;
   }
-  float* buf = b.data.get();
+  float* buf = b.buffer.data.get();
   const int64_t y0 = std::max<int64_t>(0, -p.ph), y1 = std::min(p.H, Hp - p.ph);
   const int64_t x0 = std::max<int64_t>(0, -p.pw), x1 = std::min(p.W, Wp - p.pw);
   const bool any = y1 > y0 && x1 > x0;
@@ -400,7 +396,8 @@ inline void direct_forward(const float* xp, const PackedWeights& pw, const Direc
     // images of the pack in one region, so 2 x 33 rows split evenly over 2 threads.
     at::parallel_for(0, count * p.groups * blocks * p.Ho, 1, [&](int64_t begin, int64_t end) {
       std::vector<int64_t> tap_offset(row_tiles * K), tap_weight(row_tiles * K), taps(row_tiles);
-      std::vector<float> row(p.Wo * pw.block);
+      AlignedArray<float> row;
+      row.reserve(p.Wo * pw.block);
       for (int64_t task = begin; task < end; ++task) {
         const int64_t oh = task % p.Ho, b = (task / p.Ho) % blocks;
         const int64_t g = (task / p.Ho / blocks) % p.groups, i = task / p.Ho / blocks / p.groups;
@@ -429,11 +426,11 @@ inline void direct_forward(const float* xp, const PackedWeights& pw, const Direc
           a.tap_weight = tap_weight.data() + tile * K;
           a.taps = taps[tile];
           a.x = xp + i * per_image + (oh * p.sh * Wp + ow0 * p.sw) * C + g * p.Cg;
-          a.y = row.data() + ow0 * width;
+          a.y = row.data.get() + ow0 * width;
           isa.forward(static_cast<int>(width / isa.lanes), static_cast<int>(ow1 - ow0), a);
         }
         transpose_row<false>(isa, o + (n0 + i) * sn + (g * p.OCg + b0) * so + oh * sy, so, sx,
-                             row.data(), width, std::min(width, p.OCg - b0), p.Wo);
+                             row.data.get(), width, std::min(width, p.OCg - b0), p.Wo);
       }
     });
   });

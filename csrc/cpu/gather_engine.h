@@ -1,5 +1,6 @@
 // The CPU "gather, then multiply by the weight matrix" engine shared by deformable and dilated
-// convolution. A sampler says, for (offset group, tap, output pixel), where the input is read
+// convolution (dilated uses it where its direct path, cpu/direct_conv.h, does not apply, and
+// as the plain reference path under CONVOPS_CPU_IMPL=engine). A sampler says, for (offset group, tap, output pixel), where the input is read
 // (a Sample: up to four weighted neighbours) and with what modulation; the engine does the rest:
 //
 //   forward      cols[c*K + tap][p] = m * sample(input[c])          (im2col through the sampler)
