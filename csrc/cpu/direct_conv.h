@@ -110,16 +110,6 @@ inline void transpose16(const float* src, int64_t src_step, float* dst, int64_t 
   for (int i = 0; i < 16; ++i) _mm512_storeu_ps(dst + i * dst_step, r[i]);
 }
 }  // namespace avx512
-#undef DIRECT_NS
-#undef VREG
-#undef VLANES
-#undef VLOAD
-#undef VSTORE
-#undef VSET1
-#undef VZERO
-#undef VFMA
-#undef DIRECT_MAX_NV
-#undef DIRECT_MAX_R
 #pragma GCC pop_options
 
 #pragma GCC push_options
@@ -135,16 +125,6 @@ inline void transpose16(const float* src, int64_t src_step, float* dst, int64_t 
 #define DIRECT_MAX_NV 2  // 2 x 6 accumulators + 2 weights + 1 broadcast of 16 registers
 #define DIRECT_MAX_R 6
 #include "cpu/direct_conv_kernels.h"
-#undef DIRECT_NS
-#undef VREG
-#undef VLANES
-#undef VLOAD
-#undef VSTORE
-#undef VSET1
-#undef VZERO
-#undef VFMA
-#undef DIRECT_MAX_NV
-#undef DIRECT_MAX_R
 #pragma GCC pop_options
 #endif  // CONVOPS_DIRECT_X86
 
