@@ -56,9 +56,11 @@ def _check(case, device):
         assert_close(a, e, case["dtype"], f"grad_{name}")
 
 
-# CPU implementations: the direct register-blocked kernels in their AVX-512 and AVX2 builds,
-# and the plain gather engine (float64 always takes the engine).
-CPU_IMPLS = {"direct": {}, "direct-avx2": {"CONVOPS_CPU_ISA": "avx2"},
+# CPU implementations: the direct register-blocked kernels (by default with bf16 channel-pair
+# dot products for bfloat16 where the CPU has AVX512-BF16), their float32-only AVX-512 and AVX2
+# builds, and the plain gather engine (float64 always takes the engine).
+CPU_IMPLS = {"direct": {}, "direct-fp32": {"CONVOPS_CPU_ISA": "avx512"},
+             "direct-avx2": {"CONVOPS_CPU_ISA": "avx2"},
              "engine": {"CONVOPS_CPU_IMPL": "engine"}}
 
 

@@ -35,20 +35,32 @@ const DirectIsa* direct_path_for(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? nullptr : direct_isa();
 }
 
+// A bfloat16 convolution whose input channels per group pair up runs the bf16 dot-product
+// kernels when the CPU has them; everything else the float32 kernels of `isa`.
+const DirectIsa& forward_isa(const at::Tensor& image, const DirectProblem& p,
+                             const DirectIsa& isa) {
+  const DirectIsa* pairs = image.scalar_type() == at::kBFloat16 && p.Cg % 2 == 0
+                               ? direct_bf16_pairs_isa() : nullptr;
+  return pairs ? *pairs : isa;
+}
+
 void direct_forward_batch(const at::Tensor& input, const at::Tensor& weight,
                           const at::Tensor& bias, const DeformGeometry& g, const DirectIsa& isa,
                           at::Tensor& out) {
   const DirectProblem p = forward_problem(g);
-  const PackedWeights pw = pack_weights(weight, bias, p, isa);
-  direct_conv_batch(input, pw, p, isa, kInputImages, out);
+  const DirectIsa& fisa = forward_isa(input, p, isa);
+  const PackedWeights pw = pack_weights(weight, bias, p, fisa);
+  direct_conv_batch(input, pw, fisa.pairs ? p.paired() : p, fisa, kInputImages, out);
 }
 
 void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& weight,
                              const DeformGeometry& g, const DirectIsa& isa,
                              at::Tensor& grad_input) {
   const DirectProblem p = input_grad_problem(g);
-  const PackedWeights pw = pack_weights(weight, at::Tensor(), p, isa, /*for_input_grad=*/true);
-  direct_conv_batch(grad_output, pw, p, isa, kGradOutputImages, grad_input);
+  const DirectIsa& fisa = forward_isa(grad_output, p, isa);
+  const PackedWeights pw = pack_weights(weight, at::Tensor(), p, fisa, /*for_input_grad=*/true);
+  direct_conv_batch(grad_output, pw, fisa.pairs ? p.paired() : p, fisa, kGradOutputImages,
+                    grad_input);
 }
 
 void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& input,

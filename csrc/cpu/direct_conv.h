@@ -11,17 +11,22 @@
 //                (tap, channels, output channels) split across threads, each tile reduced in
 //                a fixed pixel order: bit-identical for any thread count.
 //
-// Every dtype but float64 computes in float32 (bf16/fp16 are widened while packing). The
-// micro-kernels (cpu/direct_conv_kernels.h) are compiled for AVX-512 and AVX2+FMA and picked at
-// run time; CONVOPS_CPU_ISA=avx2 forces the AVX2 build (tests), CONVOPS_CPU_IMPL=engine turns
-// the direct path off (the plain gather engine, for telling a tuning bug from a math bug).
+// float32/float16 compute in float32 (float16 is widened while packing). bfloat16 forward and
+// stride-1 input gradient use AVX512-BF16 dot products over channel pairs where the CPU has
+// them (float32 accumulation, the product rate doubled); its weight gradient widens to float32.
+// The micro-kernels (cpu/direct_conv_kernels.h) are compiled for AVX-512, AVX512-BF16 and
+// AVX2+FMA and picked at run time; CONVOPS_CPU_ISA=avx512 (no bf16 pairs) or =avx2 forces a
+// build (tests), CONVOPS_CPU_IMPL=engine turns the direct path off (the plain gather engine,
+// for telling a tuning bug from a math bug).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <array>
 #include <memory>
 #include <type_traits>
@@ -112,6 +117,25 @@ inline void transpose16(const float* src, int64_t src_step, float* dst, int64_t 
 }  // namespace avx512
 #pragma GCC pop_options
 
+// bfloat16 forward with AVX512-BF16 dot products: an "element" is a pair of bf16 input
+// channels in one 32-bit word (image and weights packed that way), VSET1 broadcasts a pair and
+// VFMA is acc += w[2i] * x[0] + w[2i+1] * x[1], twice the multiply rate of float32 FMAs. Only
+// its forward kernel is used (the weight gradient reduces over pixels, not channel pairs).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bf16")
+#define DIRECT_NS avx512bf16
+#define VREG __m512
+#define VLANES 16
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
+#define VSET1(x) _mm512_set1_ps(x)
+#define VZERO() _mm512_setzero_ps()
+#define VFMA(a, b, c) _mm512_dpbf16_ps(c, (__m512bh)(b), (__m512bh)(a))
+#define DIRECT_MAX_NV 4
+#define DIRECT_MAX_R 6
+#include "cpu/direct_conv_kernels.h"
+#pragma GCC pop_options
+
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define DIRECT_NS avx2
@@ -135,6 +159,8 @@ struct DirectIsa {
   void (*weight_grad)(int nv, int r, const DirectWeightGradTile&);
   // 16 x 16 float transpose for the layout changes, or null (then scalar loops).
   void (*transpose16)(const float* src, int64_t src_step, float* dst, int64_t dst_step);
+  // Whether images and weights are packed as bf16 channel pairs (avx512bf16's forward).
+  bool pairs = false;
   int64_t block() const { return int64_t(lanes) * max_nv; }
 };
 
@@ -154,6 +180,21 @@ inline const DirectIsa* direct_isa() {
   return nullptr;
 }
 
+// The bf16-pair forward build, or null (no AVX512-BF16, or another path was asked for).
+inline const DirectIsa* direct_bf16_pairs_isa() {
+#ifdef CONVOPS_DIRECT_X86
+  static const DirectIsa kPairs{"avx512bf16", avx512bf16::kLanes, avx512bf16::kMaxNV,
+                                avx512bf16::kMaxR, avx512bf16::forward, nullptr,
+                                avx512::transpose16, true};
+  static const bool has_bf16 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
+  if (has_bf16 && !env_is("CONVOPS_CPU_IMPL", "engine") && !env_is("CONVOPS_CPU_ISA", "avx2") &&
+      !env_is("CONVOPS_CPU_ISA", "avx512"))
+    return &kPairs;
+#endif
+  return nullptr;
+}
+
 // A stride/dilation convolution of one image with `groups` groups of Cg -> OCg channels. The
 // padded image's row r holds source row r - ph (ph may be negative: rows are then skipped).
 struct DirectProblem {
@@ -169,6 +210,12 @@ struct DirectProblem {
   int64_t taps() const { return kh * kw; }
   int64_t padded_h() const { return (Ho - 1) * sh + (kh - 1) * dh + 1; }
   int64_t padded_w() const { return (Wo - 1) * sw + (kw - 1) * dw + 1; }
+  // The same problem over bf16 channel pairs (Cg even): what the pair kernels index.
+  DirectProblem paired() const {
+    DirectProblem q = *this;
+    q.Cg = Cg / 2;
+    return q;
+  }
 };
 
 // Moves one row of (C, cols) values between a tensor of any floating dtype (element strides
@@ -234,6 +281,27 @@ struct PaddedImages {
   std::array<int64_t, 7> key{};
 };
 
+// One row of bf16 channel pairs: out[x * pixel_step + c] = bits(src[2c][x]) | bits(src[2c+1][x])
+// << 16, for c < pairs (the low half is the even channel, as vdpbf16ps pairs them). Only
+// bfloat16 sources are ever paired; other types never reach here.
+template <typename scalar_t>
+void pack_bf16_pairs(const scalar_t* src, int64_t sc, int64_t sx, uint32_t* out,
+                     int64_t pixel_step, int64_t pairs, int64_t cols) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    const auto word = [&](int64_t c, int64_t x) {
+      return uint32_t(src[2 * c * sc + x * sx].x) |
+             (uint32_t(src[(2 * c + 1) * sc + x * sx].x) << 16);
+    };
+    if (sx <= sc) {  // NCHW-like: walk rows of the two channels
+      for (int64_t c = 0; c < pairs; ++c)
+        for (int64_t x = 0; x < cols; ++x) out[x * pixel_step + c] = word(c, x);
+    } else {
+      for (int64_t x = 0; x < cols; ++x)
+        for (int64_t c = 0; c < pairs; ++c) out[x * pixel_step + c] = word(c, x);
+    }
+  }
+}
+
 // images [n0, n0 + count) of batch (N, C, H, W), any dtype and strides -> zero-padded float
 // [image][padded_h][padded_w][C], pixels pixel_stride() floats apart.
 inline const float* pack_images(const at::Tensor& batch, int64_t n0, int64_t count,
@@ -271,9 +339,14 @@ inline const float* pack_images(const at::Tensor& batch, int64_t n0, int64_t cou
           std::fill(row, row + (x0 + p.pw) * C, 0.f);
           std::fill(row + (x1 + p.pw) * C, row + Wp * C, 0.f);
         }
-        transpose_row<true>(isa, const_cast<scalar_t*>(src) + (n0 + i) * sn + (r - p.ph) * sy +
-                                     x0 * sx,
-                            sc, sx, row + (x0 + p.pw) * C, C, p.C(), x1 - x0);
+        const scalar_t* from = src + (n0 + i) * sn + (r - p.ph) * sy + x0 * sx;
+        if (isa.pairs) {  // p is paired(): word c of a pixel = channels 2c, 2c + 1
+          pack_bf16_pairs(from, sc, sx, reinterpret_cast<uint32_t*>(row + (x0 + p.pw) * C), C,
+                          p.C(), x1 - x0);
+          continue;
+        }
+        transpose_row<true>(isa, const_cast<scalar_t*>(from), sc, sx, row + (x0 + p.pw) * C, C,
+                            p.C(), x1 - x0);
       }
     });
   });
@@ -308,7 +381,9 @@ inline PackedWeights pack_weights(const at::Tensor& weight, const at::Tensor& bi
   // Strides of (group, packed output channel, packed input channel) in the source.
   const int64_t sg = p.OCg * p.Cg * K;
   const int64_t so = for_input_grad ? K : p.Cg * K, sc = for_input_grad ? p.OCg * K : K;
-  out.w = at::empty({p.groups * out.OCg_padded * K * p.Cg}, src_t.options());
+  // With pairs, each (tap, channel pair) row holds width 32-bit words of two bf16 weights.
+  const int64_t rows_per_tap = isa.pairs ? p.Cg / 2 : p.Cg;
+  out.w = at::empty({p.groups * out.OCg_padded * K * rows_per_tap}, src_t.options());
   float* dst = out.w.data_ptr<float>();
   const int64_t blocks = ceil_div(out.OCg_padded, out.block);
   // Tasks of (group, block, 16 input channels). The block's source rows lie Cg * K floats
@@ -330,9 +405,20 @@ inline PackedWeights pack_weights(const at::Tensor& weight, const at::Tensor& bi
           for (int64_t t = 0; t < K; ++t) to[t] = row[t];  // K is small: no memmove call
         }
       }
-      float* blk = dst + (g * out.OCg_padded + b0) * K * p.Cg;
+      float* blk = dst + (g * out.OCg_padded + b0) * K * rows_per_tap;
       for (int64_t t = 0; t < K; ++t) {
         const int64_t st = for_input_grad ? K - 1 - t : t;
+        if (isa.pairs) {
+          for (int64_t c = 0; c < cn; c += 2) {
+            uint32_t* d = reinterpret_cast<uint32_t*>(blk + (t * rows_per_tap + (c0 + c) / 2) * width);
+            for (int64_t j = 0; j < valid; ++j) {
+              d[j] = uint32_t(c10::BFloat16(stage[(j * kTile + c) * K + st]).x) |
+                     (uint32_t(c10::BFloat16(stage[(j * kTile + c + 1) * K + st]).x) << 16);
+            }
+            std::fill(d + valid, d + width, 0u);
+          }
+          continue;
+        }
         for (int64_t c = 0; c < cn; ++c) {
           float* d = blk + (t * p.Cg + c0 + c) * width;
           for (int64_t j = 0; j < valid; ++j) d[j] = stage[(j * kTile + c) * K + st];
