@@ -74,12 +74,7 @@ struct DirectWeightGradTile {
 #pragma GCC push_options
 #pragma GCC target("avx512f")
 #define DIRECT_NS avx512
-#define VREG __m512
-#define VLANES 16
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VSET1(x) _mm512_set1_ps(x)
-#define VZERO() _mm512_setzero_ps()
+#include "cpu/avx512_vocabulary.h"
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define DIRECT_MAX_NV 4  // 4 x 6 accumulators + 4 weights + 1 broadcast of 32 registers
 #define DIRECT_MAX_R 6
@@ -124,12 +119,7 @@ inline void transpose16(const float* src, int64_t src_step, float* dst, int64_t 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bf16")
 #define DIRECT_NS avx512bf16
-#define VREG __m512
-#define VLANES 16
-#define VLOAD(p) _mm512_loadu_ps(p)
-#define VSTORE(p, v) _mm512_storeu_ps(p, v)
-#define VSET1(x) _mm512_set1_ps(x)
-#define VZERO() _mm512_setzero_ps()
+#include "cpu/avx512_vocabulary.h"
 #define VFMA(a, b, c) _mm512_dpbf16_ps(c, (__m512bh)(b), (__m512bh)(a))
 #define DIRECT_MAX_NV 4
 #define DIRECT_MAX_R 6
