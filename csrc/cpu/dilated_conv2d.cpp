@@ -53,29 +53,51 @@ void direct_forward_batch(const at::Tensor& input, const at::Tensor& weight,
   direct_conv_batch(input, pw, fisa.pairs ? p.paired() : p, fisa, kInputImages, out);
 }
 
-void direct_input_grad_batch(const at::Tensor& grad_output, const at::Tensor& weight,
-                             const DeformGeometry& g, const DirectIsa& isa,
-                             at::Tensor& grad_input) {
-  const DirectProblem p = input_grad_problem(g);
-  const DirectIsa& fisa = forward_isa(grad_output, p, isa);
-  const PackedWeights pw = pack_weights(weight, at::Tensor(), p, fisa, /*for_input_grad=*/true);
-  direct_conv_batch(grad_output, pw, fisa.pairs ? p.paired() : p, fisa, kGradOutputImages,
-                    grad_input);
-}
-
-void direct_weight_grad_batch(const at::Tensor& grad_output, const at::Tensor& input,
-                              const DeformGeometry& g, const DirectIsa& isa,
-                              at::Tensor& grad_weight) {
-  const DirectProblem p = forward_problem(g);
+// The gradients the direct path takes (input: stride 1 only), one pack of images at a time.
+// When the weight gradient can read grad_output straight from the input gradient's padded
+// pack (float words, each group's output channels a whole number of vectors, no row or column
+// of grad_output cropped), grad_output is packed once instead of twice.
+void direct_backward_batch(const at::Tensor& grad_output, const at::Tensor& input,
+                           const at::Tensor& weight, const DeformGeometry& g,
+                           const DirectIsa& isa, at::Tensor* grad_input,
+                           at::Tensor* grad_weight) {
+  const DirectProblem p = forward_problem(g), q = input_grad_problem(g);
+  const DirectIsa& qisa = forward_isa(grad_output, q, isa);
+  const DirectProblem qp = qisa.pairs ? q.paired() : q;
+  const PackedWeights pw = grad_input ? pack_weights(weight, at::Tensor(), q, qisa,
+                                                     /*for_input_grad=*/true)
+                                      : PackedWeights();
   const int64_t OCgp = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
-  at::Tensor dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::TensorOptions().dtype(at::kFloat));
-  for (int64_t n = 0; n < g.N; ++n) {
-    const float* xp = pack_images(input, n, 1, p, isa, kInputImages);
-    const float* dyp = pack_grad_output(grad_output[n], p, OCgp, isa);
-    direct_weight_grad(xp, dyp, p, OCgp, isa, dw.data_ptr<float>());
+  const bool share = grad_input && grad_weight && !qisa.pairs && OCgp == p.OCg && q.ph >= 0 &&
+                     q.pw >= 0 && q.ph + g.Ho <= q.padded_h() && q.pw + g.Wo <= q.padded_w();
+  at::Tensor dw;
+  if (grad_weight) dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::kFloat);
+  const int64_t step = grad_input ? images_per_pack(qp, g.N) : 1;
+  for (int64_t n0 = 0; n0 < g.N; n0 += step) {
+    const int64_t count = std::min(step, g.N - n0);
+    const float* dyp = nullptr;
+    if (grad_input) {
+      dyp = pack_images(grad_output, n0, count, qp, qisa, kGradOutputImages);
+      direct_forward(dyp, pw, qp, qisa, *grad_input, n0, count);
+    }
+    if (!grad_weight) continue;
+    for (int64_t i = 0; i < count; ++i) {
+      const float* xp = pack_images(input, n0 + i, 1, p, isa, kInputImages);
+      GradOutputView dy;
+      if (share) {
+        const int64_t Cs = qp.pixel_stride(), Wq = qp.padded_w();
+        dy = {dyp + i * qp.padded_h() * Wq * Cs + (q.ph * Wq + q.pw) * Cs, Wq * Cs, Cs, p.OCg};
+      } else {
+        const int64_t OCt = p.groups * OCgp;
+        dy = {pack_grad_output(grad_output[n0 + i], p, OCgp, isa), p.Wo * OCt, OCt, OCgp};
+      }
+      direct_weight_grad(xp, dy, p, OCgp, isa, dw.data_ptr<float>());
+    }
   }
-  grad_weight.copy_(
-      dw.narrow(3, 0, p.OCg).permute({0, 3, 2, 1}).reshape({g.OC, p.Cg, g.kh, g.kw}));
+  if (grad_weight) {
+    grad_weight->copy_(
+        dw.narrow(3, 0, p.OCg).permute({0, 3, 2, 1}).reshape({g.OC, p.Cg, g.kh, g.kw}));
+  }
 }
 
 at::Tensor dilated_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
@@ -110,14 +132,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
   // The direct path takes what it can; the engine gets what is left (a strided input grad).
   at::Tensor engine_input = grads.input, engine_weight = grads.weight;
   if (const DirectIsa* isa = direct_path_for(input)) {
-    if (grads.weight.numel() > 0) {
-      direct_weight_grad_batch(grad_output, input, g, *isa, grads.weight);
-      engine_weight = not_requested(grads.weight);
+    const bool want_input = grads.input.numel() > 0 && g.sh == 1 && g.sw == 1;
+    const bool want_weight = grads.weight.numel() > 0;
+    if (want_input || want_weight) {
+      direct_backward_batch(grad_output, input, weight, g, *isa,
+                            want_input ? &grads.input : nullptr,
+                            want_weight ? &grads.weight : nullptr);
     }
-    if (grads.input.numel() > 0 && g.sh == 1 && g.sw == 1) {
-      direct_input_grad_batch(grad_output, weight, g, *isa, grads.input);
-      engine_input = not_requested(grads.input);
-    }
+    if (want_input) engine_input = not_requested(grads.input);
+    if (want_weight) engine_weight = not_requested(grads.weight);
   }
   if (engine_input.numel() == 0 && engine_weight.numel() == 0) {
     return {grads.input, grads.weight, grads.bias};

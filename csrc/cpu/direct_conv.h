@@ -521,9 +521,17 @@ inline float* pack_grad_output(const at::Tensor& grad_out, const DirectProblem& 
 }
 
 // dw [groups][tap][Cg][OCg_padded] += the weight gradient of one image.
-inline void direct_weight_grad(const float* xp, const float* dyp, const DirectProblem& p,
+// Where the weight gradient reads grad_output: pixel (oh, ow), output channel oc of group g at
+// data[oh * row_step + ow * pixel_step + g * group_step + oc], each group's channels padded
+// with zeros (or real) up to a whole number of vectors.
+struct GradOutputView {
+  const float* data;
+  int64_t row_step, pixel_step, group_step;
+};
+
+inline void direct_weight_grad(const float* xp, const GradOutputView& dy, const DirectProblem& p,
                                int64_t OCg_padded, const DirectIsa& isa, float* dw) {
-  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w(), OCt = p.groups * OCg_padded;
+  const int64_t C = p.pixel_stride(), K = p.taps(), Wp = p.padded_w();
   const int64_t block = isa.block(), blocks = ceil_div(OCg_padded, block);
   const int64_t cblocks = ceil_div<int64_t>(p.Cg, isa.max_r);
   // Rows of ~512 output pixels per chunk: a thread runs all its tiles over one chunk of
@@ -549,9 +557,9 @@ inline void direct_weight_grad(const float* xp, const float* dyp, const DirectPr
               g * p.Cg + c0;
         a.x_row_step = p.sh * Wp * C;
         a.x_pixel_step = p.sw * C;
-        a.dy = dyp + (r0 * p.Wo + cols.first) * OCt + g * OCg_padded + b0;
-        a.dy_row_step = p.Wo * OCt;
-        a.dy_pixel_step = OCt;
+        a.dy = dy.data + r0 * dy.row_step + cols.first * dy.pixel_step + g * dy.group_step + b0;
+        a.dy_row_step = dy.row_step;
+        a.dy_pixel_step = dy.pixel_step;
         a.rows = r1 - r0;
         a.cols = cols.last - cols.first;
         a.dw = dw + ((g * K + t) * p.Cg + c0) * OCg_padded + b0;
