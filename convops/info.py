@@ -16,6 +16,7 @@ def build_info() -> dict:
         "torch_built_against": _C.torch_built_against,
         "cuda_compiled": bool(_C.cuda_compiled),
         "cuda_archs": _C.cuda_archs or "-",
+        "dilated_cpu": _C.dilated_cpu_kernels(),
         "torch_cuda": torch.version.cuda or "-",
         "cuda_available": torch.cuda.is_available(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "-",

@@ -5,6 +5,8 @@
 // torch.compile and torch.export see these ops, never an opaque Python function.
 #include <torch/library.h>
 
+#include <string>
+
 #ifdef CONVOPS_BUILD_PYTHON
 #include <Python.h>
 #endif
@@ -40,11 +42,26 @@ TORCH_LIBRARY(convops, m) {
 }
 
 #ifdef CONVOPS_BUILD_PYTHON
+namespace convops {
+namespace cpu {
+std::string dilated_cpu_kernels();  // cpu/dilated_conv2d.cpp
+}  // namespace cpu
+}  // namespace convops
+
 namespace {
+
+PyObject* dilated_cpu_kernels(PyObject*, PyObject*) {
+  return PyUnicode_FromString(convops::cpu::dilated_cpu_kernels().c_str());
+}
+
+PyMethodDef convops_methods[] = {
+    {"dilated_cpu_kernels", dilated_cpu_kernels, METH_NOARGS,
+     "Which CPU kernels dilated_conv2d runs on this machine with the current environment."},
+    {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef convops_module = {PyModuleDef_HEAD_INIT, "_C",
                               "convops compiled kernels; ops live in torch.ops.convops", -1,
-                              nullptr};
+                              convops_methods};
 
 }  // namespace
 

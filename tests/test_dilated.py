@@ -302,3 +302,13 @@ def test_repeated_calls_with_changing_geometry():
         expected = torch.autograd.grad(ref, (ref_x, ref_w), grad.double())
         for name, a, e in zip(["input", "weight"], got, expected):
             assert_close(a, e, torch.float32, f"grad_{name}")
+
+
+def test_reports_which_cpu_kernels_run(monkeypatch):
+    from convops import _C
+    assert _C.dilated_cpu_kernels()  # e.g. "direct avx512, bf16 pairs avx512bf16"
+    monkeypatch.setenv("CONVOPS_CPU_IMPL", "engine")
+    assert _C.dilated_cpu_kernels().startswith("gather engine")
+    monkeypatch.delenv("CONVOPS_CPU_IMPL")
+    monkeypatch.setenv("CONVOPS_CPU_ISA", "avx2")
+    assert _C.dilated_cpu_kernels() in ("direct avx2", "gather engine (im2col + at::mm)")

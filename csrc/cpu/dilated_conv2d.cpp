@@ -8,6 +8,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/dilated.h"
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
@@ -158,6 +160,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cpu(
 }
 
 }  // namespace
+
+// What the dilated CPU path runs here, now (the environment switches included).
+std::string dilated_cpu_kernels() {
+  const DirectIsa* isa = direct_isa();
+  if (isa == nullptr) return "gather engine (im2col + at::mm)";
+  std::string name = std::string("direct ") + isa->name;
+  if (direct_bf16_pairs_isa() != nullptr) name += ", bf16 pairs avx512bf16";
+  return name;
+}
 
 TORCH_LIBRARY_IMPL(convops, CPU, m) {
   m.impl("dilated_conv2d", &dilated_conv2d_cpu);
