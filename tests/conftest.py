@@ -21,6 +21,9 @@ TOLERANCES = {
     torch.bfloat16: (1e-3, 1.6e-2),
 }
 
+# Every dtype the ops take, in the order the case grids cycle through.
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 

@@ -7,11 +7,8 @@ import torch.nn.functional as F
 import torchvision
 
 import convops
-from conftest import assert_close, requires_cuda
+from conftest import DTYPES, assert_close, requires_cuda
 from reference import deform_conv2d as reference
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
 
 def _grid(count, seed):
     rng = random.Random(seed)

@@ -7,11 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import HAS_CUDA, assert_close, requires_cuda
+from conftest import DTYPES, HAS_CUDA, assert_close, requires_cuda
 from reference import depthwise_conv2d as reference
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
 
 def _grid(count, seed):
     """A reproducible random sample of the configuration space (the full product is huge)."""

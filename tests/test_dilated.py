@@ -7,10 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import assert_close, requires_cuda
-
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-
+from conftest import DTYPES, assert_close, requires_cuda
 
 def _grid(count, seed):
     rng = random.Random(seed)
@@ -284,24 +281,11 @@ def test_device_mismatch_is_caught():
 def test_repeated_calls_with_changing_geometry():
     # The direct CPU path keeps its padded-image buffers, and which zero borders they hold,
     # across calls: alternate geometries, batch sizes and layouts must never read stale data.
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(32, 24, 3, 3, generator=g)
     calls = [(1, 20, 6), (3, 20, 6), (2, 20, 2), (3, 20, 6), (1, 26, 6), (2, 20, 6)]
     for n, size, d in calls + calls[::-1]:
-        x = torch.randn(n, 24, size, size, generator=g)
-        if n == 2:
-            x = x.to(memory_format=torch.channels_last)
-        x.requires_grad_()
-        wl = w.clone().requires_grad_()
-        out = convops.dilated_conv2d(x, wl, None, 1, d, d)
-        ref_x, ref_w = x.detach().double().requires_grad_(), w.double().requires_grad_()
-        ref = F.conv2d(ref_x, ref_w, None, 1, d, d)
-        assert_close(out, ref, torch.float32, "forward")
-        grad = torch.randn(ref.shape, generator=g)
-        got = torch.autograd.grad(out, (x, wl), grad)
-        expected = torch.autograd.grad(ref, (ref_x, ref_w), grad.double())
-        for name, a, e in zip(["input", "weight"], got, expected):
-            assert_close(a, e, torch.float32, f"grad_{name}")
+        _check(dict(batch=n, channels=24, out=32, groups=1, kernel=(3, 3), stride=(1, 1),
+                    padding=(d, d), dilation=(d, d), size=(size, size), bias=False,
+                    channels_last=n == 2, dtype=torch.float32), "cpu")
 
 
 def test_reports_which_cpu_kernels_run(monkeypatch):

@@ -25,6 +25,7 @@
 
 #include "common/bilinear.h"
 #include "common/deform.h"
+#include "common/engine_gemms.h"
 #include "common/tensor_utils.h"
 #include "cpu/scratch.h"
 
@@ -231,7 +232,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
                     const DeformGeometry& g, const MakeSampler& make_sampler, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const int64_t K = g.taps(), Cg = g.channels_per_group();
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   const at::Tensor b = bias.defined() ? bias.to(acc_type).reshape({g.OC, 1}) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
@@ -247,13 +248,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
       sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);
       chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
       const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const at::Tensor wg = w.narrow(0, grp * OCg, OCg);
-        const at::Tensor cg = cols_t.narrow(0, grp * Cg * K, Cg * K);
-        const at::Tensor res = b.defined() ? at::addmm(b.narrow(0, grp * OCg, OCg), wg, cg)
-                                           : at::mm(wg, cg);
-        out_n.narrow(0, grp * OCg, OCg).narrow(1, p0, P).copy_(res);
-      }
+      grouped_forward_gemm(w, b, cols_t, g, out_n, p0, P);
     }
   }
 }
@@ -271,7 +266,7 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const bool want_input = grad_input.numel() > 0, want_weight = grad_weight.numel() > 0;
   const bool need_dcols = want_input || want_sample_grads;
-  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const int64_t K = g.taps(), Cg = g.channels_per_group();
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   at::Tensor gw_acc = want_weight ? at::zeros({g.OC, Cg * K}, w.options()) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
@@ -292,18 +287,11 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
       if (want_weight) {
         chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
         const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          gw_acc.narrow(0, grp * OCg, OCg)
-              .addmm_(go_chunk.narrow(0, grp * OCg, OCg),
-                      cols_t.narrow(0, grp * Cg * K, Cg * K).t());
-        }
+        grouped_weight_grad_gemm(gw_acc, go_chunk, cols_t, g);
       }
       if (!need_dcols) continue;
       const at::Tensor dcols_t = wrap(dcols, g.C * K, P, acc_type);
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        at::Tensor dcols_g = dcols_t.narrow(0, grp * Cg * K, Cg * K);
-        at::mm_out(dcols_g, w.narrow(0, grp * OCg, OCg).t(), go_chunk.narrow(0, grp * OCg, OCg));
-      }
+      grouped_column_grad_gemm(dcols_t, w, go_chunk, g);
       if (want_sample_grads) sample_grads(x, dcols, samples, p0, n);
       if (want_input) chunk_col2im<acc_t, Sampler>(dcols, samples, g, p0, gi_acc);
     }

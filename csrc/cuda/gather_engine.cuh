@@ -30,6 +30,7 @@
 #include <algorithm>
 
 #include "common/deform.h"
+#include "common/engine_gemms.h"
 #include "common/tensor_utils.h"
 
 namespace convops {
@@ -130,7 +131,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const int64_t K = g.taps(), Cg = g.channels_per_group();
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   const at::Tensor b = bias.defined() ? bias.to(acc_type).reshape({g.OC, 1}) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
@@ -145,13 +146,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
       gather_im2col<acc_t, scalar_t><<<engine_blocks(g.C * K * P), kEngineThreads, 0, stream>>>(
           x, sampler, g, p0, P, cols.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        const at::Tensor wg = w.narrow(0, grp * OCg, OCg);
-        const at::Tensor cg = cols.narrow(0, grp * Cg * K, Cg * K);
-        const at::Tensor res = b.defined() ? at::addmm(b.narrow(0, grp * OCg, OCg), wg, cg)
-                                           : at::mm(wg, cg);
-        out_n.narrow(0, grp * OCg, OCg).narrow(1, p0, P).copy_(res);
-      }
+      grouped_forward_gemm(w, b, cols, g, out_n, p0, P);
     }
   }
 }
@@ -170,7 +165,7 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const bool want_input = grad_input.numel() > 0, want_weight = grad_weight.numel() > 0;
   const bool need_dcols = want_input || want_sample_grads;
-  const int64_t K = g.taps(), Cg = g.channels_per_group(), OCg = g.out_channels_per_group();
+  const int64_t K = g.taps(), Cg = g.channels_per_group();
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   at::Tensor gw_acc = want_weight ? at::zeros({g.OC, Cg * K}, w.options()) : at::Tensor();
   const int64_t chunk = chunk_pixels(g);
@@ -191,18 +186,11 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
             <<<engine_blocks(g.C * K * P), kEngineThreads, 0, stream>>>(
                 x, sampler, g, p0, P, cols.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
-        for (int64_t grp = 0; grp < g.groups; ++grp) {
-          gw_acc.narrow(0, grp * OCg, OCg)
-              .addmm_(go_chunk.narrow(0, grp * OCg, OCg),
-                      cols.narrow(0, grp * Cg * K, Cg * K).t());
-        }
+        grouped_weight_grad_gemm(gw_acc, go_chunk, cols, g);
       }
       if (!need_dcols) continue;
       const at::Tensor dcols = dcols_buf.narrow(0, 0, g.C * K * P).view({g.C * K, P});
-      for (int64_t grp = 0; grp < g.groups; ++grp) {
-        at::Tensor dcols_g = dcols.narrow(0, grp * Cg * K, Cg * K);
-        at::mm_out(dcols_g, w.narrow(0, grp * OCg, OCg).t(), go_chunk.narrow(0, grp * OCg, OCg));
-      }
+      grouped_column_grad_gemm(dcols, w, go_chunk, g);
       if (want_sample_grads) sample_grads(x, sampler, dcols.const_data_ptr<acc_t>(), p0, P, n);
       if (want_input) {
         if (deterministic) {
