@@ -49,3 +49,13 @@ def devices():
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=requires_cuda)])
 def device(request):
     return request.param
+
+
+@pytest.fixture(params=[False, True], ids=["nondeterministic", "deterministic"])
+def deterministic_mode(request):
+    """Runs a test with torch.use_deterministic_algorithms off and on (CUDA atomics vs the
+    ordered scatter), restoring the previous setting."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(request.param, warn_only=True)
+    yield request.param
+    torch.use_deterministic_algorithms(prev)

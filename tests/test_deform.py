@@ -102,15 +102,9 @@ def test_matches_pure_pytorch_reference(case):
 
 
 @requires_cuda
-@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", _grid(40, seed=5), ids=str)
-def test_matches_torchvision_cuda(case, deterministic):
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        _check(case, "cuda", reference)
-    finally:
-        torch.use_deterministic_algorithms(prev)
+def test_matches_torchvision_cuda(case, deterministic_mode):
+    _check(case, "cuda", reference)
 
 
 @requires_cuda

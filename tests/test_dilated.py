@@ -114,15 +114,9 @@ def test_weight_grad_independent_of_thread_count():
 
 
 @requires_cuda
-@pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize("case", _grid(50, seed=12), ids=str)
-def test_matches_conv2d_cuda(case, deterministic):
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    try:
-        _check(case, "cuda")
-    finally:
-        torch.use_deterministic_algorithms(prev)
+def test_matches_conv2d_cuda(case, deterministic_mode):
+    _check(case, "cuda")
 
 
 @pytest.mark.parametrize("budget", ["1", "97", "1000"])
