@@ -176,9 +176,10 @@ inline const DirectIsa* direct_bf16_pairs_isa() {
   static const DirectIsa kPairs{"avx512bf16", avx512bf16::kLanes, avx512bf16::kMaxNV,
                                 avx512bf16::kMaxR, avx512bf16::forward, nullptr,
                                 avx512::transpose16, true};
-  static const bool has_bf16 =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16");
-  if (has_bf16 && !env_is("CONVOPS_CPU_IMPL", "engine") && !env_is("CONVOPS_CPU_ISA", "avx2") &&
+  static const bool has_bf16 = __builtin_cpu_supports("avx512bf16");
+  // Only on top of the AVX-512 build, and not when CONVOPS_CPU_ISA=avx512 asks for fp32 only.
+  const DirectIsa* base = direct_isa();
+  if (has_bf16 && base != nullptr && base->lanes == avx512::kLanes &&
       !env_is("CONVOPS_CPU_ISA", "avx512"))
     return &kPairs;
 #endif
