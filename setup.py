@@ -1,13 +1,18 @@
-"""Build convops._C with torch.utils.cpp_extension.
+"""Build convops._C and convops._emu with torch.utils.cpp_extension.
 
-CUDA sources are compiled when torch has CUDA and nvcc is found, or always with FORCE_CUDA=1
-(useful on a build machine without a GPU). Environment knobs:
+convops._C holds the CPU kernels, and the CUDA kernels when torch has CUDA, nvcc is found and a
+GPU is visible, or always with FORCE_CUDA=1 (a build machine without a GPU).
+convops._emu is always built: the same CUDA kernel sources compiled by the host compiler
+against the CUDA emulator (csrc/emu), registering torch.ops.convops_emu.* on CPU tensors.
+Environment knobs:
   FORCE_CUDA=1            compile csrc/cuda/*.cu even without a visible GPU
   FORCE_CPU=1             never compile the CUDA sources
   TORCH_CUDA_ARCH_LIST    e.g. "9.0" or "8.0;9.0+PTX" (read by torch's build helpers)
   MAX_JOBS                parallel compile jobs (read by torch's ninja backend)
   NVCC_FLAGS              extra flags appended to the nvcc command line
   DEBUG=1                 -O0 -g (and -G -lineinfo for nvcc)
+  SANITIZE=1              AddressSanitizer + UBSan build of the CPU kernels and the emulator
+                          (CPU only; run with libasan preloaded, see .ci/run)
 """
 import glob
 import os
@@ -58,13 +63,19 @@ from torch.utils import cpp_extension  # noqa: E402
 
 
 def _want_cuda():
-    if _env_flag("FORCE_CPU"):
+    if _env_flag("FORCE_CPU") or _env_flag("SANITIZE"):
         return False
     if _env_flag("FORCE_CUDA"):
         if cpp_extension.CUDA_HOME is None:
             raise RuntimeError("FORCE_CUDA=1 but no CUDA toolkit was found; set CUDA_HOME")
         return True
-    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+    if cpp_extension.CUDA_HOME is None or torch.version.cuda is None:
+        return False
+    if not torch.cuda.is_available():
+        print("convops: nvcc found but no GPU is visible: the CUDA kernels are skipped "
+              "(FORCE_CUDA=1 builds them anyway)", flush=True)
+        return False
+    return True
 
 
 def _cuda_arch_summary():
@@ -83,11 +94,15 @@ def _cuda_arch_summary():
 def build_extensions():
     with_cuda = _want_cuda()
     debug = _env_flag("DEBUG")
+    sanitize = _env_flag("SANITIZE")
+    sanitizer_flags = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
+                       "-fno-sanitize-recover=undefined"] if sanitize else []
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("CONVOPS_BUILD_PYTHON", None), ("CONVOPS_VERSION", f'"{VERSION}"'),
                      ("CONVOPS_TORCH_VERSION", f'"{torch.__version__}"')]
     cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
     cxx_flags += ["-fdiagnostics-color=always"]  # torch picks the C++ standard it needs
+    cxx_flags += sanitizer_flags
     # at::parallel_for is inline `#pragma omp parallel` code: without -fopenmp it compiles to a
     # serial loop and every CPU kernel runs on one thread.
     cxx_flags += ["-fopenmp"]
@@ -102,14 +117,30 @@ def build_extensions():
         nvcc_flags += ["--expt-relaxed-constexpr"]
         nvcc_flags += os.environ.get("NVCC_FLAGS", "").split()
         extra_compile_args["nvcc"] = nvcc_flags
-    return [ext_cls(
+    main = ext_cls(
         name="convops._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")],
         define_macros=define_macros,
         extra_compile_args=extra_compile_args,
-        extra_link_args=["-fopenmp"],
-    )]
+        extra_link_args=["-fopenmp"] + sanitizer_flags,
+    )
+    # The emulator build of csrc/cuda: hidden visibility keeps its host instantiations of the
+    # CUDA launchers from being confused with _C's.
+    emu_macros = [("CONVOPS_EMULATE_CUDA", None)]
+    if sanitize:
+        emu_macros.append(("CONVOPS_EMU_SANITIZED", None))
+    emulator = cpp_extension.CppExtension(
+        name="convops._emu",
+        sources=sorted(glob.glob("csrc/emu/*.cpp")),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=emu_macros,
+        extra_compile_args={"cxx": (["-O0", "-g"] if debug else ["-O2"]) +
+                            ["-fvisibility=hidden", "-fdiagnostics-color=always"] +
+                            sanitizer_flags},
+        extra_link_args=sanitizer_flags,
+    )
+    return [main, emulator]
 
 
 setup(

@@ -1,9 +1,11 @@
-// Every convops operator schema, and the Python module init for convops._C.
+// The convops operator library (schemas: schemas.h), and the Python module init for convops._C.
 //
 // Backward ops are operators of their own, taking an output mask so that gradients nobody
 // asked for are not computed; autograd is wired in Python (convops/_registrations.py) so that
 // torch.compile and torch.export see these ops, never an opaque Python function.
 #include <torch/library.h>
+
+#include "schemas.h"
 
 #include <string>
 
@@ -18,28 +20,7 @@
 #define CONVOPS_VERSION "unknown"
 #endif
 
-TORCH_LIBRARY(convops, m) {
-  // padding: (pad_h, pad_w) or (top, left, bottom, right).
-  m.def("depthwise_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
-        "int[] padding, int[2] dilation) -> Tensor");
-  m.def("depthwise_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-        "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
-        "-> (Tensor, Tensor, Tensor)");
-  // groups is inferred: C / weight.size(1). padding as for depthwise_conv2d.
-  m.def("dilated_conv2d(Tensor input, Tensor weight, Tensor? bias, int[2] stride, "
-        "int[] padding, int[2] dilation) -> Tensor");
-  m.def("dilated_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-        "int[2] stride, int[] padding, int[2] dilation, bool[3] output_mask) "
-        "-> (Tensor, Tensor, Tensor)");
-  // groups and offset_groups are inferred: C / weight.size(1) and offset.size(1) / (2*kh*kw).
-  m.def("deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor? mask, Tensor? bias, "
-        "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
-  // Returns (grad_input, grad_weight, grad_offset, grad_mask, grad_bias); an output whose
-  // mask entry is false (or grad_mask without a mask) is an empty tensor.
-  m.def("deform_conv2d_backward(Tensor grad_output, Tensor input, Tensor weight, "
-        "Tensor offset, Tensor? mask, int[2] stride, int[2] padding, int[2] dilation, "
-        "bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(convops, m) { convops::define_schemas(m); }
 
 #ifdef CONVOPS_BUILD_PYTHON
 namespace convops {

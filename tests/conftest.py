@@ -1,5 +1,7 @@
 """Shared test settings: tolerances (stated once, here), devices, comparison helpers."""
+import contextlib
 import os
+import zlib
 
 import pytest
 import torch
@@ -9,6 +11,8 @@ import torch
 os.environ["CONVOPS_POISON_OUTPUTS"] = "1"
 
 import convops  # noqa: E402,F401
+from convops import emulator  # noqa: E402
+from torch.utils._python_dispatch import _disable_current_modes  # noqa: E402
 
 # Norm-wise tolerances, relative to the largest magnitude of the float64 reference:
 #   max|actual - expected| <= ATOL + RTOL * max|expected|
@@ -26,6 +30,11 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def stable_seed(*parts) -> int:
+    """A seed that is the same in every process (unlike hash(), which is salted per run)."""
+    return zlib.crc32(repr(parts).encode())
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = None,
@@ -53,9 +62,43 @@ def device(request):
 
 @pytest.fixture(params=[False, True], ids=["nondeterministic", "deterministic"])
 def deterministic_mode(request):
-    """Runs a test with torch.use_deterministic_algorithms off and on (CUDA atomics vs the
-    ordered scatter), restoring the previous setting."""
+    """Runs a test with torch.use_deterministic_algorithms off and on (CUDA atomics and cuBLAS
+    vs the ordered scatter and convops's own GEMM), restoring the previous setting. Not
+    warn_only: anything convops calls that has no deterministic implementation raises."""
     prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(request.param, warn_only=True)
+    torch.use_deterministic_algorithms(request.param)
     yield request.param
     torch.use_deterministic_algorithms(prev)
+
+
+class GpuBackend:
+    """Where a CUDA test runs: on a real GPU ("cuda"), or in the CUDA emulator on CPU tensors
+    ("emu-<order>", see convops/emulator.py), through the same test function."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.emulated = name.startswith("emu")
+        self.device = "cpu" if self.emulated else "cuda"
+        self.order = name.split("-", 1)[1] if self.emulated else None
+
+    def native_cpu(self):
+        """Inside this block convops ops run convops's CPU kernels again (for comparisons)."""
+        return _disable_current_modes() if self.emulated else contextlib.nullcontext()
+
+    def __repr__(self):
+        return self.name
+
+
+# Every CUDA test runs on the GPU when there is one, and always in the emulator under two
+# orders of blocks and threads (a fixed random seed, so failures replay).
+GPU_BACKENDS = (["cuda"] if HAS_CUDA else []) + ["emu-forward", "emu-random:20261123"]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def gpu(request):
+    backend = GpuBackend(request.param)
+    if not backend.emulated:
+        yield backend
+        return
+    with emulator.emulated_cuda(backend.order):
+        yield backend

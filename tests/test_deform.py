@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import torchvision
 
 import convops
-from conftest import DTYPES, assert_close, requires_cuda
+from conftest import DTYPES, assert_close, requires_cuda, stable_seed
 from reference import deform_conv2d as reference
 
 def _grid(count, seed):
@@ -32,7 +32,7 @@ def _grid(count, seed):
 
 def _inputs(case, device="cpu", dtype=None):
     dtype = dtype or case["dtype"]
-    g = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    g = torch.Generator().manual_seed(stable_seed(case))
     C, groups, og = case["channels"], case["groups"], case["og"]
     kh, kw = case["kernel"]
     H, W = case["size"]
@@ -62,6 +62,7 @@ def _call(fn, t, case):
 
 
 def _check(case, device, against):
+    """Forward and every gradient against `against` in float64; returns (out, grads)."""
     t = _inputs(case, device)
     leaves = {k: v.detach().requires_grad_() for k, v in t.items() if v is not None}
     t = dict(t, **leaves)
@@ -73,7 +74,8 @@ def _check(case, device, against):
     assert_close(out, ref, case["dtype"], "forward")
     if case["channels_last"]:
         assert out.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(ref.shape, dtype=torch.float64).to(case["dtype"])
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(stable_seed(case, 1)),
+                       dtype=torch.float64).to(case["dtype"])
     names = [k for k in ("input", "offset", "weight", "mask", "bias") if t[k] is not None]
     grads = torch.autograd.grad(out, [t[k] for k in names], grad.to(device))
     ref_grads = torch.autograd.grad(ref, [ref_t[k] for k in names], grad.double())
@@ -83,6 +85,7 @@ def _check(case, device, against):
         # precision its error scales with max|input| * max|weight|, so compare it with the
         # input-gradient's scale.
         assert_close(a, e, case["dtype"], f"grad_{name}")
+    return out, dict(zip(names, grads))
 
 
 def _torchvision(input, offset, weight, bias, stride, padding, dilation, mask=None):
@@ -101,21 +104,49 @@ def test_matches_pure_pytorch_reference(case):
     _check(case, "cpu", reference)
 
 
-@requires_cuda
-@pytest.mark.parametrize("case", _grid(40, seed=5), ids=str)
-def test_matches_torchvision_cuda(case, deterministic_mode):
-    _check(case, "cuda", reference)
+def _check_gpu(case, gpu):
+    """The GPU kernels against the float64 reference and against convops's CPU kernels."""
+    out, grads = _check(case, gpu.device, reference)
+    with gpu.native_cpu():
+        cpu_out, cpu_grads = _check(case, "cpu", reference)
+    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
+    for name in grads:
+        assert_close(grads[name], cpu_grads[name].double(), case["dtype"], f"grad_{name} vs cpu op")
 
 
-@requires_cuda
+# Larger than the grid's maps: several warps of pixels per chunk, channel counts past a warp.
+LARGE_CASES = [
+    dict(batch=2, channels=33, out_per_group=5, groups=1, og=3, kernel=(3, 3), stride=(1, 1),
+         padding=(1, 1), dilation=(1, 1), size=(21, 19), mask=True, bias=True,
+         offset_scale=3.0, channels_last=True, dtype=torch.float32),
+    dict(batch=2, channels=16, out_per_group=3, groups=4, og=2, kernel=(3, 2), stride=(2, 1),
+         padding=(2, 1), dilation=(2, 1), size=(25, 14), mask=False, bias=False,
+         offset_scale=0.7, channels_last=False, dtype=torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", _grid(40, seed=5) + LARGE_CASES, ids=str)
+def test_matches_reference_gpu(case, deterministic_mode, gpu):
+    _check_gpu(case, gpu)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_matches_cpu(dtype):
+def test_gpu_matches_cpu(dtype, gpu):
     case = _grid(1, seed=6)[0] | {"dtype": dtype, "mask": True, "bias": True}
     t = _inputs(case, "cpu")
-    cpu = _call(convops.deform_conv2d, t, case)
-    gpu = _call(convops.deform_conv2d, {k: v.cuda() if v is not None else None
+    with gpu.native_cpu():
+        cpu = _call(convops.deform_conv2d, t, case)
+    out = _call(convops.deform_conv2d, {k: v.to(gpu.device) if v is not None else None
                                         for k, v in t.items()}, case)
-    assert_close(gpu, cpu.double(), dtype, "cuda vs cpu")
+    assert_close(out, cpu.double(), dtype, "gpu vs cpu")
+
+
+@pytest.mark.parametrize("budget", ["1", "50", "700"])
+@pytest.mark.parametrize("case", _grid(4, seed=15), ids=str)
+def test_small_column_chunks_gpu(case, budget, deterministic_mode, gpu, monkeypatch):
+    # Several chunks per image in the CUDA engine, starting and ending mid-row.
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    _check_gpu(case, gpu)
 
 
 @pytest.mark.parametrize("budget", ["1", "50", "700"])

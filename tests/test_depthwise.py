@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import DTYPES, HAS_CUDA, assert_close, requires_cuda
+from conftest import DTYPES, HAS_CUDA, assert_close, requires_cuda, stable_seed
 from reference import depthwise_conv2d as reference
 
 def _grid(count, seed):
@@ -31,17 +31,22 @@ def _grid(count, seed):
 
 
 def _inputs(case, device, dtype=None, requires_grad=True):
+    """Inputs drawn from a generator seeded by the case: the same in every process and call."""
     dtype = dtype or case["dtype"]
+    g = torch.Generator().manual_seed(stable_seed(case))
     kh, kw = case["kernel"]
     dh, dw = case["dilation"]
-    size_h = max(dh * (kh - 1) + 1, 1) + random.Random(kh * 31 + kw).randint(0, 9)
-    size_w = max(dw * (kw - 1) + 1, 1) + random.Random(kh * 17 + kw).randint(0, 11)
-    x = torch.randn(case["batch"], case["channels"], size_h, size_w, device=device, dtype=dtype)
+    size_h, size_w = case.get("size") or (
+        max(dh * (kh - 1) + 1, 1) + random.Random(kh * 31 + kw).randint(0, 9),
+        max(dw * (kw - 1) + 1, 1) + random.Random(kh * 17 + kw).randint(0, 11))
+    rand = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(  # noqa: E731
+        device=device, dtype=dtype)
+    x = rand(case["batch"], case["channels"], size_h, size_w)
     if case["channels_last"]:
         x = x.to(memory_format=torch.channels_last)
     oc = case["channels"] * case["multiplier"]
-    w = torch.randn(oc, 1, kh, kw, device=device, dtype=dtype)
-    b = torch.randn(oc, device=device, dtype=dtype) if case["bias"] else None
+    w = rand(oc, 1, kh, kw)
+    b = rand(oc) if case["bias"] else None
     tensors = [t for t in (x, w, b) if t is not None]
     for t in tensors:
         t.requires_grad_(requires_grad)
@@ -49,6 +54,7 @@ def _inputs(case, device, dtype=None, requires_grad=True):
 
 
 def _check_against_reference(case, device):
+    """Checks forward and every gradient against the float64 reference; returns them."""
     x, w, b = _inputs(case, device)
     args = (case["stride"], case["padding"], case["dilation"])
     out = convops.depthwise_conv2d(x, w, b, *args)
@@ -61,12 +67,14 @@ def _check_against_reference(case, device):
     assert_close(out, ref, case["dtype"], "forward")
     if case["channels_last"] and out.dim() == 4:
         assert out.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(ref.shape, dtype=torch.float64)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(stable_seed(case, 1)),
+                       dtype=torch.float64)
     grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=x.dtype))
     ref_grads = torch.autograd.grad(ref, ref_leaves, grad.to(x.dtype).double())
     for name, g, rg in zip(["input", "weight", "bias"], grads, ref_grads):
         assert g.dtype == x.dtype
         assert_close(g, rg, case["dtype"], f"grad_{name}")
+    return out, grads
 
 
 @pytest.mark.parametrize("case", _grid(160, seed=1), ids=lambda c: (
@@ -76,25 +84,65 @@ def test_matches_conv2d_cpu(case):
     _check_against_reference(case, "cpu")
 
 
-@requires_cuda
-@pytest.mark.parametrize("impl", ["tuned", "plain"])
-@pytest.mark.parametrize("case", _grid(80, seed=2), ids=str)
-def test_matches_conv2d_cuda(case, impl, monkeypatch):
-    monkeypatch.setenv("CONVOPS_CUDA_IMPL", impl)
-    _check_against_reference(case, "cuda")
+# CUDA kernel paths: the tiled NCHW forward, the plain one-thread-per-output forward
+# (CONVOPS_CUDA_IMPL=plain), and int64 indexing forced on small tensors.
+CUDA_IMPLS = {"tuned": {}, "plain": {"CONVOPS_CUDA_IMPL": "plain"},
+              "int64": {"CONVOPS_CUDA_INDEX": "int64"}}
+
+# Maps larger than one 32x32 output tile, channel counts past one warp.
+TILE_SEAM_CASES = [
+    dict(channels=17, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1,
+         batch=2, bias=True, channels_last=False, dtype=torch.float32, size=(40, 37)),
+    dict(channels=5, multiplier=2, kernel=(5, 5), stride=(2, 1), dilation=(1, 2),
+         padding=(2, 4), batch=2, bias=False, channels_last=False, dtype=torch.bfloat16,
+         size=(70, 45)),
+    dict(channels=33, multiplier=1, kernel=(7, 7), stride=(1, 1), dilation=(1, 1),
+         padding="same", batch=2, bias=True, channels_last=True, dtype=torch.float16,
+         size=(34, 33)),
+    dict(channels=3, multiplier=3, kernel=(3, 3), stride=(3, 3), dilation=(2, 2), padding=0,
+         batch=3, bias=True, channels_last=False, dtype=torch.float64, size=(101, 99)),
+]
 
 
-@requires_cuda
+def _check_gpu(case, gpu):
+    """The GPU kernels against the float64 reference and against convops's CPU kernels."""
+    out, grads = _check_against_reference(case, gpu.device)
+    with gpu.native_cpu():
+        cpu_out, cpu_grads = _check_against_reference(case, "cpu")
+    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
+    for name, g, c in zip(["input", "weight", "bias"], grads, cpu_grads):
+        assert_close(g, c.double(), case["dtype"], f"grad_{name} vs cpu op")
+
+
+@pytest.mark.parametrize("impl", list(CUDA_IMPLS))
+@pytest.mark.parametrize("case", _grid(80, seed=2) + TILE_SEAM_CASES, ids=str)
+def test_matches_conv2d_gpu(case, impl, gpu, monkeypatch):
+    for key, value in CUDA_IMPLS[impl].items():
+        monkeypatch.setenv(key, value)
+    _check_gpu(case, gpu)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_matches_cpu(dtype, channels_last):
+def test_gpu_matches_cpu(dtype, channels_last, gpu):
     case = dict(channels=8, multiplier=2, kernel=(7, 5), stride=(2, 1), dilation=(1, 2),
                 padding=(3, 4), batch=2, bias=True, channels_last=channels_last, dtype=dtype)
     x, w, b = _inputs(case, "cpu", requires_grad=False)
     args = (case["stride"], case["padding"], case["dilation"])
-    cpu = convops.depthwise_conv2d(x, w, b, *args)
-    gpu = convops.depthwise_conv2d(x.cuda(), w.cuda(), b.cuda(), *args)
-    assert_close(gpu, cpu.double(), dtype, "cuda vs cpu")
+    with gpu.native_cpu():
+        cpu = convops.depthwise_conv2d(x, w, b, *args)
+    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), b.to(gpu.device), *args)
+    assert_close(out, cpu.double(), dtype, "gpu vs cpu")
+
+
+def test_large_kernels_gpu(gpu):
+    # 31x31 on a map smaller than the kernel (padding 'same'): the tiled path's halo exceeds
+    # the tile, and 63x63 does not fit shared memory (plain path).
+    for kernel, size in [((31, 31), (20, 45)), ((63, 63), (9, 70))]:
+        case = dict(channels=2, multiplier=1, kernel=kernel, stride=(1, 1), dilation=(1, 1),
+                    padding="same", batch=2, bias=True, channels_last=False,
+                    dtype=torch.float32, size=size)
+        _check_gpu(case, gpu)
 
 
 def test_large_kernels_and_tall_images():

@@ -1,44 +1,72 @@
-"""Under torch.use_deterministic_algorithms(True) every op's backward is bit-identical across
-runs, on CPU and (when present) CUDA."""
+"""Under torch.use_deterministic_algorithms(True) (not warn_only) every op's backward is
+bit-identical across runs, on CPU, on CUDA when present, and in the CUDA emulator across
+orders of blocks and threads."""
 import pytest
 import torch
 
 import convops
-from conftest import requires_cuda
+from conftest import GpuBackend, requires_cuda
+from convops import emulator
 
 
 def _inputs(device):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 16, 23, 21, generator=g).to(device).requires_grad_()
-    off = (torch.randn(4, 2 * 2 * 9, 23, 21, generator=g) * 3).to(device).requires_grad_()
-    mask = torch.rand(4, 2 * 9, 23, 21, generator=g).to(device).requires_grad_()
+    x = torch.randn(2, 16, 23, 21, generator=g).to(device).requires_grad_()
+    off = (torch.randn(2, 2 * 2 * 9, 23, 21, generator=g) * 3).to(device).requires_grad_()
+    mask = torch.rand(2, 2 * 9, 23, 21, generator=g).to(device).requires_grad_()
     return x, off, mask
 
 
+def _weights(device):
+    g = torch.Generator().manual_seed(1)
+    return {"depthwise": torch.randn(32, 1, 5, 5, generator=g).to(device).requires_grad_(),
+            "dilated": torch.randn(8, 8, 3, 3, generator=g).to(device).requires_grad_(),
+            "deform": torch.randn(8, 16, 3, 3, generator=g).to(device).requires_grad_()}
+
+
 OPS = {
-    "depthwise": lambda x, off, mask: convops.depthwise_conv2d(
-        x, torch.ones(32, 1, 5, 5, device=x.device) * 0.1, None, 1, 2),
-    "dilated": lambda x, off, mask: convops.dilated_conv2d(
-        x, torch.ones(8, 8, 3, 3, device=x.device) * 0.1, None, 1, 3, 3, 2),
-    "deform": lambda x, off, mask: convops.deform_conv2d(
-        x, off, torch.ones(8, 16, 3, 3, device=x.device) * 0.1, padding=1, mask=mask),
+    "depthwise": lambda x, off, mask, w: convops.depthwise_conv2d(x, w, None, 1, 2),
+    "dilated": lambda x, off, mask, w: convops.dilated_conv2d(x, w, None, 1, 3, 3, 2),
+    "deform": lambda x, off, mask, w: convops.deform_conv2d(x, off, w, padding=1, mask=mask),
 }
+
+
+def _run(op, device):
+    """Output and every gradient (input, offset, mask, weight) of one call."""
+    x, off, mask = _inputs(device)
+    w = _weights(device)[op]
+    out = OPS[op](x, off, mask, w)
+    leaves = [x, off, mask, w] if op == "deform" else [x, w]
+    grads = torch.autograd.grad(out.square().sum(), leaves)
+    return (out.detach(),) + grads
+
+
+@pytest.fixture
+def deterministic():
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(prev)
+
+
+def _assert_identical(runs):
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 @pytest.mark.parametrize("op", list(OPS))
-def test_backward_bit_identical_under_deterministic_mode(op, device):
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        runs = []
-        for _ in range(3):
-            x, off, mask = _inputs(device)
-            out = OPS[op](x, off, mask)
-            leaves = [x, off, mask] if op == "deform" else [x]
-            runs.append(torch.autograd.grad(out.square().sum(), leaves))
-        for other in runs[1:]:
-            for a, b in zip(runs[0], other):
-                assert torch.equal(a, b)
-    finally:
-        torch.use_deterministic_algorithms(prev)
+def test_backward_bit_identical_under_deterministic_mode(op, device, deterministic):
+    _assert_identical([_run(op, device) for _ in range(3)])
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_emulated_cuda_bit_identical_across_orders(op, deterministic):
+    # The deterministic CUDA paths (ordered scatter, convops's GEMM, tree reductions) may not
+    # depend on the order in which blocks and threads run.
+    runs = []
+    for order in ["forward", "reverse", "random:1", "random:2"]:
+        with emulator.emulated_cuda(order):
+            runs.append(_run(op, GpuBackend("emu-" + order).device))
+    _assert_identical(runs)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import DTYPES, assert_close, requires_cuda
+from conftest import DTYPES, assert_close, requires_cuda, stable_seed
 
 def _grid(count, seed):
     rng = random.Random(seed)
@@ -28,7 +28,8 @@ def _grid(count, seed):
 
 
 def _check(case, device):
-    g = torch.Generator().manual_seed(hash(str(case)) % 2**31)
+    """Forward and every gradient against F.conv2d in float64; returns (out, grads)."""
+    g = torch.Generator().manual_seed(stable_seed(case))
     x = torch.randn(case["batch"], case["channels"], *case["size"], generator=g,
                     dtype=torch.float64)
     if case["channels_last"]:
@@ -51,6 +52,7 @@ def _check(case, device):
     ref_grads = torch.autograd.grad(expected, ref, grad.double())
     for name, a, e in zip(["input", "weight", "bias"], grads, ref_grads):
         assert_close(a, e, case["dtype"], f"grad_{name}")
+    return out, grads
 
 
 # CPU implementations: the direct register-blocked kernels (by default with bf16 channel-pair
@@ -113,10 +115,27 @@ def test_weight_grad_independent_of_thread_count():
     assert all(torch.equal(grads[0], g) for g in grads[1:])
 
 
-@requires_cuda
-@pytest.mark.parametrize("case", _grid(50, seed=12), ids=str)
-def test_matches_conv2d_cuda(case, deterministic_mode):
-    _check(case, "cuda")
+def _check_gpu(case, gpu):
+    """The GPU kernels against F.conv2d in float64 and against convops's CPU kernels."""
+    out, grads = _check(case, gpu.device)
+    with gpu.native_cpu():
+        cpu_out, cpu_grads = _check(case, "cpu")
+    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
+    for name, a, c in zip(["input", "weight", "bias"], grads, cpu_grads):
+        assert_close(a, c.double(), case["dtype"], f"grad_{name} vs cpu op")
+
+
+@pytest.mark.parametrize("case", _grid(50, seed=12) + _wide_grid(3, seed=16), ids=str)
+def test_matches_conv2d_gpu(case, deterministic_mode, gpu):
+    _check_gpu(case, gpu)
+
+
+@pytest.mark.parametrize("budget", ["1", "97", "1000"])
+@pytest.mark.parametrize("case", _grid(4, seed=17), ids=str)
+def test_small_column_chunks_gpu(case, budget, deterministic_mode, gpu, monkeypatch):
+    # Several chunks per image in the CUDA engine, starting and ending mid-row.
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    _check_gpu(case, gpu)
 
 
 @pytest.mark.parametrize("budget", ["1", "97", "1000"])

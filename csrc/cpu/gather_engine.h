@@ -248,7 +248,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
       sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);
       chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
       const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
-      grouped_forward_gemm(w, b, cols_t, g, out_n, p0, P);
+      grouped_forward_gemm(AtenMatmul(), w, b, cols_t, g, out_n, p0, P);
     }
   }
 }
@@ -287,11 +287,11 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
       if (want_weight) {
         chunk_im2col<acc_t, scalar_t, Sampler>(x, samples, g, p0, cols);
         const at::Tensor cols_t = wrap(cols, g.C * K, P, acc_type);
-        grouped_weight_grad_gemm(gw_acc, go_chunk, cols_t, g);
+        grouped_weight_grad_gemm(AtenMatmul(), gw_acc, go_chunk, cols_t, g);
       }
       if (!need_dcols) continue;
       const at::Tensor dcols_t = wrap(dcols, g.C * K, P, acc_type);
-      grouped_column_grad_gemm(dcols_t, w, go_chunk, g);
+      grouped_column_grad_gemm(AtenMatmul(), dcols_t, w, go_chunk, g);
       if (want_sample_grads) sample_grads(x, dcols, samples, p0, n);
       if (want_input) chunk_col2im<acc_t, Sampler>(dcols, samples, g, p0, gi_acc);
     }

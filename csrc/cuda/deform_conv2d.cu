@@ -11,7 +11,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/op_outputs.h"
@@ -55,7 +54,7 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                               at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformGeometry g =
       deform_geometry(input, weight, offset, mask, bias, stride, padding, dilation);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
@@ -78,7 +77,7 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
   const DeformGeometry g =
       deform_geometry(input, weight, offset, mask, c10::nullopt, stride, padding, dilation);
   check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "deform_conv2d");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const bool want_offset = output_mask[2], want_mask = output_mask[3] && g.has_mask;
   ConvGrads grads = new_conv_grads(grad_output, input, weight,
                                    {output_mask[0], output_mask[1], output_mask[4]});
@@ -89,7 +88,6 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
   poison_for_tests(grad_offset);
   poison_for_tests(grad_mask);
   if (g.N == 0) return {grads.input, grads.weight, grad_offset, grad_mask, grads.bias};
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -100,10 +98,9 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
                                            n * grad_offset.stride(0) : nullptr;
       scalar_t* gm_ptr = want_mask ? grad_mask.mutable_data_ptr<scalar_t>() +
                                          n * grad_mask.stride(0) : nullptr;
-      deform_offset_mask_grad<acc_t, scalar_t>
-          <<<engine_blocks(g.offset_groups * g.taps() * P), kEngineThreads, 0, stream>>>(
-              x, sampler, g, p0, P, dcols, go_ptr, gm_ptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel("deform_offset_mask_grad", deform_offset_mask_grad<acc_t, scalar_t>,
+                    engine_launch(g.offset_groups * g.taps() * P), x, sampler, g, p0, P, dcols,
+                    go_ptr, gm_ptr);
     };
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t n) {
       return deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
@@ -114,7 +111,7 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(convops, CUDA, m) {
+CONVOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("deform_conv2d", &deform_conv2d_cuda);
   m.impl("deform_conv2d_backward", &deform_conv2d_backward_cuda);
 }

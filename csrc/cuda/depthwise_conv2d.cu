@@ -22,16 +22,15 @@
 //   (warp shuffles, then shared memory): deterministic, no float atomics. It re-reads the
 //   plane per tap; a blocked version that stages the plane once is the next lever.
 // Accumulation is in at::opmath_type (fp32 for fp16/bf16). int32 indexing is used when every
-// tensor has fewer than INT32_MAX elements, int64 otherwise.
+// tensor (the weight included) has fewer than INT32_MAX elements, int64 otherwise;
+// CONVOPS_CUDA_INDEX=int64 forces int64 so that tests run that path on small tensors.
+// Written in the device dialect (cuda/dialect.h): the emulator runs this same file.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -40,6 +39,7 @@
 #include "common/depthwise.h"
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
+#include "cuda/dialect.h"
 
 namespace convops {
 namespace cuda {
@@ -50,7 +50,7 @@ constexpr int kTileW = 32;          // threads along x = output columns per tile
 constexpr int kThreadsY = 8;        // threads along y
 constexpr int kRowsPerThread = 4;   // outputs per thread, down a column
 constexpr int kTileH = kThreadsY * kRowsPerThread;
-constexpr size_t kMaxTiledSmem = 48 * 1024;
+constexpr int64_t kMaxTiledSmem = 48 * 1024;
 
 // Read on every call, so tests can switch paths inside one process.
 bool plain_kernels_forced() { return env_is("CONVOPS_CUDA_IMPL", "plain"); }
@@ -93,10 +93,6 @@ __device__ __forceinline__ Coord4<index_t> split_index(index_t idx, index_t C, i
   return r;
 }
 
-inline unsigned int blocks_for(int64_t total) {
-  return static_cast<unsigned int>((total + kThreads - 1) / kThreads);
-}
-
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 depthwise_forward_plain(const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
@@ -135,8 +131,7 @@ depthwise_forward_tiled_nchw(const scalar_t* __restrict__ input,
                              Params<index_t> p, int tiles_w, int tiles_h, int smem_h,
                              int smem_w) {
   using acc_t = at::opmath_type<scalar_t>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* s_in = reinterpret_cast<acc_t*>(smem_raw);
+  CONVOPS_DYNAMIC_SHARED(acc_t, s_in);
   acc_t* s_w = s_in + smem_h * smem_w;
 
   int64_t b = blockIdx.x;
@@ -211,7 +206,7 @@ depthwise_input_grad(const scalar_t* __restrict__ grad_out, const scalar_t* __re
 // Deterministic block sum: warp shuffles, then one warp over the per-warp partials.
 template <typename acc_t>
 __device__ __forceinline__ acc_t block_sum(acc_t v) {
-  __shared__ acc_t partial[kThreads / 32];
+  CONVOPS_SHARED_ARRAY(acc_t, partial, kThreads / 32);
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if (lane == 0) partial[warp] = v;
@@ -257,33 +252,38 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                     at::Tensor& out, const DepthwiseGeometry& g, bool cl) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto p = make_params<index_t>(g, cl);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-  const int smem_h = (kTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  const int smem_w = (kTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-  const size_t smem = (static_cast<size_t>(smem_h) * smem_w + g.kh * g.kw) * sizeof(acc_t);
+  // In int64: a huge dilation must not wrap the tile size into something that looks small.
+  const int64_t smem_h = (kTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  const int64_t smem_w = (kTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+  const int64_t smem = (smem_h * smem_w + g.kh * g.kw) * static_cast<int64_t>(sizeof(acc_t));
   if (!cl && !plain_kernels_forced() && smem <= kMaxTiledSmem) {
-    const int tiles_w = static_cast<int>((g.Wo + kTileW - 1) / kTileW);
-    const int tiles_h = static_cast<int>((g.Ho + kTileH - 1) / kTileH);
-    const int64_t blocks = g.N * g.OC * tiles_w * tiles_h;
-    depthwise_forward_tiled_nchw<scalar_t, index_t>
-        <<<static_cast<unsigned int>(blocks), dim3(kTileW, kThreadsY), smem, stream>>>(
-            x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-            out.mutable_data_ptr<scalar_t>(), p, tiles_w, tiles_h, smem_h, smem_w);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int64_t tiles_w = (g.Wo + kTileW - 1) / kTileW;
+    const int64_t tiles_h = (g.Ho + kTileH - 1) / kTileH;
+    launch_kernel("depthwise_forward_tiled_nchw", depthwise_forward_tiled_nchw<scalar_t, index_t>,
+                  {Dim3(g.N * g.OC * tiles_w * tiles_h), Dim3(kTileW, kThreadsY), smem,
+                   kTileW * kThreadsY},
+                  x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+                  out.mutable_data_ptr<scalar_t>(), p, static_cast<int>(tiles_w),
+                  static_cast<int>(tiles_h), static_cast<int>(smem_h), static_cast<int>(smem_w));
     return;
   }
-  depthwise_forward_plain<scalar_t, index_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
-      x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-      out.mutable_data_ptr<scalar_t>(), p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel("depthwise_forward_plain", depthwise_forward_plain<scalar_t, index_t>,
+                {Dim3(blocks_for(out.numel(), kThreads)), Dim3(kThreads), 0, kThreads},
+                x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+                out.mutable_data_ptr<scalar_t>(), p);
+}
+
+// int32 arithmetic only when every tensor fits it, unless CONVOPS_CUDA_INDEX=int64.
+bool use_int32(std::initializer_list<const at::Tensor*> tensors) {
+  return !env_is("CONVOPS_CUDA_INDEX", "int64") && fits_int32(tensors);
 }
 
 at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
                                  const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                  at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DepthwiseGeometry g = depthwise_geometry(input, weight, bias, stride, padding, dilation);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const bool cl = prefers_channels_last(input);
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor w = weight.contiguous();
@@ -292,7 +292,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cuda", [&] {
-    if (fits_int32({&x, &out})) launch_forward<scalar_t, int32_t>(x, w, b, out, g, cl);
+    if (use_int32({&x, &w, &out})) launch_forward<scalar_t, int32_t>(x, w, b, out, g, cl);
     else launch_forward<scalar_t, int64_t>(x, w, b, out, g, cl);
   });
   return out;
@@ -303,20 +303,17 @@ void launch_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor
                      at::Tensor& grad_input, at::Tensor& grad_weight, const DepthwiseGeometry& g,
                      bool cl) {
   const auto p = make_params<index_t>(g, cl);
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   if (grad_input.numel() > 0) {
-    depthwise_input_grad<scalar_t, index_t><<<blocks_for(grad_input.numel()), kThreads, 0,
-                                              stream>>>(
-        go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-        grad_input.mutable_data_ptr<scalar_t>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("depthwise_input_grad", depthwise_input_grad<scalar_t, index_t>,
+                  {Dim3(blocks_for(grad_input.numel(), kThreads)), Dim3(kThreads), 0, kThreads},
+                  go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                  grad_input.mutable_data_ptr<scalar_t>(), p);
   }
   if (grad_weight.numel() > 0) {
-    depthwise_weight_grad<scalar_t, index_t>
-        <<<static_cast<unsigned int>(g.OC * g.kh * g.kw), kThreads, 0, stream>>>(
-            go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
-            grad_weight.mutable_data_ptr<scalar_t>(), p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel("depthwise_weight_grad", depthwise_weight_grad<scalar_t, index_t>,
+                  {Dim3(g.OC * g.kh * g.kw), Dim3(kThreads), 0, kThreads},
+                  go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                  grad_weight.mutable_data_ptr<scalar_t>(), p);
   }
 }
 
@@ -327,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
   const DepthwiseGeometry g = depthwise_geometry(input, weight, c10::nullopt, stride, padding,
                                                  dilation);
   check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "depthwise_conv2d");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   const bool cl = prefers_channels_last(input);
   const at::Tensor x = input.contiguous(layout_of(cl));
   const at::Tensor go = grad_output.contiguous(layout_of(cl));
@@ -336,7 +333,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
   if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_backward_cuda", [&] {
-    if (fits_int32({&x, &go})) {
+    if (use_int32({&x, &go, &w})) {
       launch_backward<scalar_t, int32_t>(go, x, w, grads.input, grads.weight, g, cl);
     } else {
       launch_backward<scalar_t, int64_t>(go, x, w, grads.input, grads.weight, g, cl);
@@ -347,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(convops, CUDA, m) {
+CONVOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("depthwise_conv2d", &depthwise_conv2d_cuda);
   m.impl("depthwise_conv2d_backward", &depthwise_conv2d_backward_cuda);
 }

@@ -11,7 +11,6 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros_like.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "common/dilated.h"
@@ -27,7 +26,7 @@ at::Tensor dilated_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   const DeformGeometry g = dilated_geometry(input, weight, bias, stride, padding, dilation);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   at::Tensor out = new_conv_output(input, g.N, g.OC, g.Ho, g.Wo);
   if (out.numel() == 0) return out;
   const at::Tensor b = (bias.has_value() && bias->defined()) ? *bias : at::Tensor();
@@ -47,7 +46,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
   const DeformGeometry g = dilated_geometry(input, weight, c10::nullopt, stride, padding,
                                             dilation);
   check_grad_output(grad_output, input, g.N, g.OC, g.Ho, g.Wo, "dilated_conv2d");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const DeviceGuard guard(input.device());
   ConvGrads grads = new_conv_grads(grad_output, input, weight, output_mask);
   if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
@@ -65,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(convops, CUDA, m) {
+CONVOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("dilated_conv2d", &dilated_conv2d_cuda);
   m.impl("dilated_conv2d_backward", &dilated_conv2d_backward_cuda);
 }

@@ -13,25 +13,28 @@
 //   walking its taps and pixels in a fixed order (bit-reproducible, parallel over C only).
 // Chunks hold at most kColumnBudget column elements, so extra memory (columns, their gradient,
 // one fp32 image of input gradient) is bounded independently of N.
+// Matrix products: cuBLAS (at::mm), except under torch.use_deterministic_algorithms(True),
+// where cuBLAS raises unless CUBLAS_WORKSPACE_CONFIG is set (F.conv2d does not ask that of its
+// users): there tiled_gemm below, a plain shared-memory GEMM with a fixed summation order.
 // Indexing is int64 throughout (simple and overflow-free; int32 is a later speed lever).
+// Written in the device dialect (cuda/dialect.h): the emulator runs this same file.
 #pragma once
 
 #include <ATen/Context.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/cuda/Atomic.cuh>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "common/deform.h"
 #include "common/engine_gemms.h"
 #include "common/tensor_utils.h"
+#include "cuda/dialect.h"
 
 namespace convops {
 namespace cuda {
@@ -39,9 +42,85 @@ namespace cuda {
 constexpr int kEngineThreads = 256;
 constexpr int64_t kColumnBudget = int64_t(1) << 25;  // 32 Mi elements: 128 MiB of fp32
 
-inline unsigned int engine_blocks(int64_t total) {
-  return static_cast<unsigned int>((total + kEngineThreads - 1) / kEngineThreads);
+// A 1-D launch of one thread per item.
+inline LaunchConfig engine_launch(int64_t items) {
+  return {Dim3(blocks_for(items, kEngineThreads)), Dim3(kEngineThreads), 0, kEngineThreads};
 }
+
+// C (+)= A @ B (+ bias[m]) through strides, one 16x16 tile of C per block, K in slices of 16
+// staged in shared memory; each C element sums its K products in increasing k: deterministic.
+constexpr int kGemmTile = 16;
+
+template <typename acc_t>
+struct GemmArgs {
+  const acc_t* a;
+  int64_t a_sm, a_sk;
+  const acc_t* b;
+  int64_t b_sk, b_sn;
+  acc_t* c;
+  int64_t c_sm, c_sn;
+  const acc_t* bias;  // (M,) with stride bias_s, or nullptr
+  int64_t bias_s;
+  int64_t M, N, K;
+  bool accumulate;
+};
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kGemmTile * kGemmTile) tiled_gemm(GemmArgs<acc_t> g) {
+  CONVOPS_SHARED_ARRAY(acc_t, a_tile, kGemmTile * kGemmTile);
+  CONVOPS_SHARED_ARRAY(acc_t, b_tile, kGemmTile * kGemmTile);
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t m = static_cast<int64_t>(blockIdx.y) * kGemmTile + ty;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kGemmTile + tx;
+  acc_t acc = 0;
+  for (int64_t k0 = 0; k0 < g.K; k0 += kGemmTile) {
+    const int64_t ka = k0 + tx, kb = k0 + ty;
+    a_tile[ty * kGemmTile + tx] = (m < g.M && ka < g.K) ? g.a[m * g.a_sm + ka * g.a_sk] : acc_t(0);
+    b_tile[ty * kGemmTile + tx] = (kb < g.K && n < g.N) ? g.b[kb * g.b_sk + n * g.b_sn] : acc_t(0);
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < kGemmTile; ++k) acc += a_tile[ty * kGemmTile + k] * b_tile[k * kGemmTile + tx];
+    __syncthreads();
+  }
+  if (m >= g.M || n >= g.N) return;
+  acc_t* out = g.c + m * g.c_sm + n * g.c_sn;
+  if (g.bias != nullptr) acc += g.bias[m * g.bias_s];
+  *out = g.accumulate ? *out + acc : acc;
+}
+
+// The engines' matrix product (common/engine_gemms.h): cuBLAS, or tiled_gemm when
+// deterministic algorithms are required.
+struct EngineMatmul {
+  bool deterministic;
+
+  void operator()(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  const at::Tensor& bias, bool accumulate) const {
+    if (!deterministic) {
+      AtenMatmul()(out, a, b, bias, accumulate);
+      return;
+    }
+    if (out.scalar_type() != a.scalar_type()) {  // e.g. a half output: GEMM in fp32, then round
+      TORCH_CHECK(!accumulate, "convops: accumulating GEMM into another dtype");
+      const at::Tensor staged = at::empty(out.sizes(), a.options());
+      (*this)(staged, a, b, bias, false);
+      const_cast<at::Tensor&>(out).copy_(staged);
+      return;
+    }
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "convops_tiled_gemm", [&] {
+      GemmArgs<scalar_t> args{a.const_data_ptr<scalar_t>(), a.stride(0), a.stride(1),
+                              b.const_data_ptr<scalar_t>(), b.stride(0), b.stride(1),
+                              const_cast<at::Tensor&>(out).mutable_data_ptr<scalar_t>(),
+                              out.stride(0), out.stride(1),
+                              bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                              bias.defined() ? bias.stride(0) : 0,
+                              out.size(0), out.size(1), a.size(1), accumulate};
+      launch_kernel("tiled_gemm", tiled_gemm<scalar_t>,
+                    {Dim3(blocks_for(args.N, kGemmTile), blocks_for(args.M, kGemmTile)),
+                     Dim3(kGemmTile, kGemmTile), 0, kGemmTile * kGemmTile},
+                    args);
+    });
+  }
+};
 
 inline int64_t chunk_pixels(const DeformGeometry& g) {
   return std::max<int64_t>(
@@ -86,7 +165,7 @@ __device__ __forceinline__ void scatter_sample(acc_t* plane, int64_t W,
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     if (weights[i] == acc_t(0)) continue;
-    if (atomic) gpuAtomicAdd(dst[i], v * weights[i]);
+    if (atomic) atomic_add(dst[i], v * weights[i]);
     else *dst[i] += v * weights[i];
   }
 }
@@ -130,7 +209,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
                     const DeformGeometry& g, const MakeSampler& make_sampler, at::Tensor& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const EngineMatmul mm{at::globalContext().deterministicAlgorithms()};
   const int64_t K = g.taps(), Cg = g.channels_per_group();
   const at::Tensor w = weight.to(acc_type).reshape({g.OC, Cg * K});
   const at::Tensor b = bias.defined() ? bias.to(acc_type).reshape({g.OC, 1}) : at::Tensor();
@@ -139,14 +218,15 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
+    using Sampler = std::decay_t<decltype(sampler)>;
     const at::Tensor out_n = out[n].view({g.OC, g.Ho * g.Wo});
     for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
       const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);
       const at::Tensor cols = cols_buf.narrow(0, 0, g.C * K * P).view({g.C * K, P});
-      gather_im2col<acc_t, scalar_t><<<engine_blocks(g.C * K * P), kEngineThreads, 0, stream>>>(
-          x, sampler, g, p0, P, cols.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      grouped_forward_gemm(w, b, cols, g, out_n, p0, P);
+      launch_kernel("gather_im2col", gather_im2col<acc_t, scalar_t, Sampler>,
+                    engine_launch(g.C * K * P), x, sampler, g, p0, P,
+                    cols.mutable_data_ptr<acc_t>());
+      grouped_forward_gemm(mm, w, b, cols, g, out_n, p0, P);
     }
   }
 }
@@ -161,8 +241,8 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
                      at::Tensor& grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const EngineMatmul mm{deterministic};
   const bool want_input = grad_input.numel() > 0, want_weight = grad_weight.numel() > 0;
   const bool need_dcols = want_input || want_sample_grads;
   const int64_t K = g.taps(), Cg = g.channels_per_group();
@@ -175,6 +255,7 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
+    using Sampler = std::decay_t<decltype(sampler)>;
     const at::Tensor go_n = grad_output[n].reshape({g.OC, g.Ho * g.Wo});
     if (want_input) gi_acc.zero_();
     for (int64_t p0 = 0; p0 < g.Ho * g.Wo; p0 += chunk) {
@@ -182,25 +263,25 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
       const at::Tensor go_chunk = go_n.narrow(1, p0, P).to(acc_type);
       if (want_weight) {
         const at::Tensor cols = cols_buf.narrow(0, 0, g.C * K * P).view({g.C * K, P});
-        gather_im2col<acc_t, scalar_t>
-            <<<engine_blocks(g.C * K * P), kEngineThreads, 0, stream>>>(
-                x, sampler, g, p0, P, cols.mutable_data_ptr<acc_t>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        grouped_weight_grad_gemm(gw_acc, go_chunk, cols, g);
+        launch_kernel("gather_im2col", gather_im2col<acc_t, scalar_t, Sampler>,
+                      engine_launch(g.C * K * P), x, sampler, g, p0, P,
+                      cols.mutable_data_ptr<acc_t>());
+        grouped_weight_grad_gemm(mm, gw_acc, go_chunk, cols, g);
       }
       if (!need_dcols) continue;
       const at::Tensor dcols = dcols_buf.narrow(0, 0, g.C * K * P).view({g.C * K, P});
-      grouped_column_grad_gemm(dcols, w, go_chunk, g);
+      grouped_column_grad_gemm(mm, dcols, w, go_chunk, g);
       if (want_sample_grads) sample_grads(x, sampler, dcols.const_data_ptr<acc_t>(), p0, P, n);
       if (want_input) {
         if (deterministic) {
-          gather_col2im_ordered<acc_t><<<engine_blocks(g.C), kEngineThreads, 0, stream>>>(
-              sampler, g, p0, P, dcols.const_data_ptr<acc_t>(), gi_acc.mutable_data_ptr<acc_t>());
+          launch_kernel("gather_col2im_ordered", gather_col2im_ordered<acc_t, Sampler>,
+                        engine_launch(g.C), sampler, g, p0, P, dcols.const_data_ptr<acc_t>(),
+                        gi_acc.mutable_data_ptr<acc_t>());
         } else {
-          gather_col2im_atomic<acc_t><<<engine_blocks(g.C * K * P), kEngineThreads, 0, stream>>>(
-              sampler, g, p0, P, dcols.const_data_ptr<acc_t>(), gi_acc.mutable_data_ptr<acc_t>());
+          launch_kernel("gather_col2im_atomic", gather_col2im_atomic<acc_t, Sampler>,
+                        engine_launch(g.C * K * P), sampler, g, p0, P,
+                        dcols.const_data_ptr<acc_t>(), gi_acc.mutable_data_ptr<acc_t>());
         }
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
     if (want_input) grad_input[n].copy_(gi_acc.view({g.C, g.H, g.W}));

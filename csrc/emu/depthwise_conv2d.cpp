@@ -1,0 +1,3 @@
+// The emulator build of cuda/depthwise_conv2d.cu: the same source, compiled by the host compiler with
+// CONVOPS_EMULATE_CUDA, registering torch.ops.convops_emu.depthwise_conv2d* on CPU tensors.
+#include "cuda/depthwise_conv2d.cu"
