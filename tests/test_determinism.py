@@ -70,3 +70,12 @@ def test_emulated_cuda_bit_identical_across_orders(op, deterministic):
         with emulator.emulated_cuda(order):
             runs.append(_run(op, GpuBackend("emu-" + order).device))
     _assert_identical(runs)
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["dilated", "deform"])
+def test_deterministic_mode_needs_no_cublas_workspace_config(op, deterministic, monkeypatch):
+    # cuBLAS raises under use_deterministic_algorithms(True) unless CUBLAS_WORKSPACE_CONFIG is
+    # set; F.conv2d asks no such thing of its users, and neither may convops.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    _assert_identical([_run(op, "cuda") for _ in range(2)])

@@ -250,7 +250,10 @@ void prepare_fiber(Fiber& f) {
     mprotect(f.stack, kGuardBytes, PROT_NONE);  // an overflow faults instead of corrupting
   }
 #ifdef CONVOPS_EMU_ASAN
+  // A fiber that ran to its end never unwinds fiber_main's frame, whose redzones stay
+  // poisoned at the top of the stack; one aborted mid-kernel leaves poison anywhere.
   if (f.dirty) ASAN_UNPOISON_MEMORY_REGION(f.stack + kGuardBytes, kStackBytes - kGuardBytes);
+  else ASAN_UNPOISON_MEMORY_REGION(f.stack + kStackBytes - 8192, 8192);
 #endif
   f.dirty = false;
 #if defined(__x86_64__)
