@@ -6,6 +6,21 @@ import zlib
 import pytest
 import torch
 
+# Optional packages: decided once, here. Every package a test imports is installed by the
+# README's test command, so none is skipped for being absent; a missing one stops the run at
+# once with the command to fix it, instead of failing one test in a thousand.
+TEST_PACKAGES = ["torchvision", "hypothesis", "onnx", "onnxruntime", "onnxscript", "matplotlib",
+                 "tqdm"]
+
+
+def pytest_configure(config):
+    import importlib.util
+    missing = [name for name in TEST_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        pytest.exit(f"missing test packages {missing}: install them with the README's test "
+                    f"command (pip install ... {' '.join(missing)})", returncode=4)
+
+
 # Every freshly allocated kernel output is NaN-filled before the kernel writes it, so a kernel
 # that skips an element fails instead of passing on a lucky zero.
 os.environ["CONVOPS_POISON_OUTPUTS"] = "1"
@@ -49,6 +64,18 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     scale = e.abs().max().item() if e.numel() else 0.0
     assert err <= atol + rtol * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} " \
                                       f"(atol {atol}, rtol {rtol}, {dtype})"
+
+
+def check_gpu_against_cpu(check, case, gpu, names):
+    """check(case, device) compares one case's forward and gradients with a float64 reference
+    and returns (out, grads); this runs it on the GPU backend and on convops's CPU kernels and
+    also compares the two, as the same op on two backends must agree."""
+    out, grads = check(case, gpu.device)
+    with gpu.native_cpu():
+        cpu_out, cpu_grads = check(case, "cpu")
+    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
+    for name, a, c in zip(names, grads, cpu_grads):
+        assert_close(a, c.double(), case["dtype"], f"grad_{name} vs cpu op")
 
 
 def devices():

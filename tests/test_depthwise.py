@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import DTYPES, HAS_CUDA, assert_close, requires_cuda, stable_seed
+from conftest import (DTYPES, HAS_CUDA, assert_close, check_gpu_against_cpu, requires_cuda,
+                      stable_seed)
 from reference import depthwise_conv2d as reference
 
 def _grid(count, seed):
@@ -105,13 +106,7 @@ TILE_SEAM_CASES = [
 
 
 def _check_gpu(case, gpu):
-    """The GPU kernels against the float64 reference and against convops's CPU kernels."""
-    out, grads = _check_against_reference(case, gpu.device)
-    with gpu.native_cpu():
-        cpu_out, cpu_grads = _check_against_reference(case, "cpu")
-    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
-    for name, g, c in zip(["input", "weight", "bias"], grads, cpu_grads):
-        assert_close(g, c.double(), case["dtype"], f"grad_{name} vs cpu op")
+    check_gpu_against_cpu(_check_against_reference, case, gpu, ["input", "weight", "bias"])
 
 
 @pytest.mark.parametrize("impl", list(CUDA_IMPLS))

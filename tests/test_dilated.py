@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import DTYPES, assert_close, requires_cuda, stable_seed
+from conftest import DTYPES, assert_close, check_gpu_against_cpu, requires_cuda, stable_seed
 
 def _grid(count, seed):
     rng = random.Random(seed)
@@ -116,13 +116,7 @@ def test_weight_grad_independent_of_thread_count():
 
 
 def _check_gpu(case, gpu):
-    """The GPU kernels against F.conv2d in float64 and against convops's CPU kernels."""
-    out, grads = _check(case, gpu.device)
-    with gpu.native_cpu():
-        cpu_out, cpu_grads = _check(case, "cpu")
-    assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
-    for name, a, c in zip(["input", "weight", "bias"], grads, cpu_grads):
-        assert_close(a, c.double(), case["dtype"], f"grad_{name} vs cpu op")
+    check_gpu_against_cpu(_check, case, gpu, ["input", "weight", "bias"])
 
 
 @pytest.mark.parametrize("case", _grid(50, seed=12) + _wide_grid(3, seed=16), ids=str)
