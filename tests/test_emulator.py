@@ -118,6 +118,12 @@ def test_illegal_launches_are_rejected(kernel, message):
         emulator.selftest(kernel, _values(64))
 
 
+def test_static_plus_dynamic_shared_memory_over_the_limit_is_an_error():
+    # 44 KiB dynamic passes the launch check; with 8 KiB static the block needs 52 KiB.
+    with pytest.raises(RuntimeError, match=r"static_and_dynamic: static shared memory.*49152"):
+        emulator.selftest("static_plus_dynamic_over_48k", _values(64))
+
+
 def test_out_of_bounds_global_read_is_caught_by_asan():
     # Only AddressSanitizer sees a read one element past a tensor; the sanitized CI job builds
     # the emulator with it (SANITIZE=1). The read runs in a child so the report can be checked.

@@ -108,8 +108,11 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), const LaunchConfi
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launch_kernel: wrong argument count");
   validate_launch(name, reinterpret_cast<const void*>(kernel), c);
 #ifdef CONVOPS_EMULATE_CUDA
+  const bool opted_in = dynamic_shared_allowance(reinterpret_cast<const void*>(kernel)) >
+                       kDefaultSharedLimit;
   emu::run_grid(name, c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z,
-                c.dynamic_smem, kernel, KArgs(std::forward<Args>(args))...);
+                c.dynamic_smem, opted_in ? kOptInSharedLimit : kDefaultSharedLimit, kernel,
+                KArgs(std::forward<Args>(args))...);
 #else
   const dim3 grid(static_cast<unsigned>(c.grid.x), static_cast<unsigned>(c.grid.y),
                   static_cast<unsigned>(c.grid.z));

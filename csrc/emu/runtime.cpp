@@ -133,7 +133,7 @@ struct Scheduler {
   bool running = false;
   // Shared memory: [0, dynamic) dynamic, then static allocations in first-use order.
   unsigned char* arena = nullptr;
-  size_t dynamic_bytes = 0, shared_top = 0;
+  size_t dynamic_bytes = 0, shared_top = 0, shared_limit = kArenaBytes;
   std::vector<StaticAllocation> statics;
 
   ~Scheduler() {
@@ -590,10 +590,12 @@ void* shared_alloc(const void* site_key, size_t bytes) {
     if (a.site == site_key) return s.arena + a.offset;
   const size_t offset = s.shared_top;
   const size_t static_bytes = offset + bytes - ((s.dynamic_bytes + 15) & ~size_t(15));
-  if (static_bytes > kStaticSharedLimit || offset + bytes > kArenaBytes) {
+  if (static_bytes > kStaticSharedLimit || offset + bytes > s.shared_limit) {
     abort_from_fiber("static shared memory of " + std::to_string(static_bytes) +
-                     " bytes (with " + std::to_string(s.dynamic_bytes) +
-                     " dynamic) exceeds the device limit");
+                     " bytes with " + std::to_string(s.dynamic_bytes) +
+                     " dynamic exceeds the block's limit of " +
+                     std::to_string(offset + bytes > s.shared_limit ? s.shared_limit
+                                                                    : kStaticSharedLimit));
   }
 #ifdef CONVOPS_EMU_ASAN
   ASAN_UNPOISON_MEMORY_REGION(s.arena + offset, bytes);
@@ -615,7 +617,8 @@ std::vector<std::pair<std::string, int64_t>> launch_counts() {
 }
 
 void run_grid_impl(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64_t by,
-                   int64_t bz, int64_t dynamic_smem, KernelBody body, void* closure) {
+                   int64_t bz, int64_t dynamic_smem, int64_t shared_limit, KernelBody body,
+                   void* closure) {
   Scheduler& s = scheduler;
   count_launch(name);
   TORCH_CHECK(!s.running, "convops emulator: kernel ", name,
@@ -624,6 +627,7 @@ void run_grid_impl(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t
   std::mt19937_64 rng(order.seed ^ std::hash<std::string>()(name));
   s.running = true;
   s.kernel = name;
+  s.shared_limit = std::min<size_t>(static_cast<size_t>(shared_limit), kArenaBytes);
   s.body = body;
   s.closure = closure;
   s.error.clear();

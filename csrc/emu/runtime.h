@@ -60,18 +60,22 @@ extern thread_local const Builtins* current_builtins;
 
 using KernelBody = void (*)(void* closure);
 
+// shared_limit: what static plus dynamic shared memory of one block may total (48 KiB, or the
+// opted-in limit).
 void run_grid_impl(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64_t by,
-                   int64_t bz, int64_t dynamic_smem, KernelBody body, void* closure);
+                   int64_t bz, int64_t dynamic_smem, int64_t shared_limit, KernelBody body,
+                   void* closure);
 
 template <typename... KArgs>
 void run_grid(const char* name, int64_t gx, int64_t gy, int64_t gz, int64_t bx, int64_t by,
-              int64_t bz, int64_t dynamic_smem, void (*kernel)(KArgs...), KArgs... args) {
+              int64_t bz, int64_t dynamic_smem, int64_t shared_limit, void (*kernel)(KArgs...),
+              KArgs... args) {
   struct Closure {
     void (*kernel)(KArgs...);
     std::tuple<KArgs...> args;
   };
   Closure closure{kernel, std::tuple<KArgs...>(args...)};
-  run_grid_impl(name, gx, gy, gz, bx, by, bz, dynamic_smem,
+  run_grid_impl(name, gx, gy, gz, bx, by, bz, dynamic_smem, shared_limit,
                 [](void* p) {
                   auto* c = static_cast<Closure*>(p);
                   std::apply(c->kernel, c->args);  // each thread gets its own copies

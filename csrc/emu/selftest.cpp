@@ -129,6 +129,18 @@ reverse_block(const float* __restrict__ in, float* __restrict__ out, int n) {
   if (j < n) out[j] = tile[threadIdx.x];
 }
 
+// 8 KiB of static shared memory next to the launch's dynamic shared memory.
+__global__ void __launch_bounds__(kThreads)
+static_and_dynamic(const float* __restrict__ in, float* __restrict__ out, int n) {
+  CONVOPS_SHARED_ARRAY(float, fixed, 2048);
+  CONVOPS_DYNAMIC_SHARED(float, dynamic);
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  fixed[threadIdx.x] = i < n ? in[i] : 0.f;
+  dynamic[threadIdx.x] = fixed[threadIdx.x];
+  __syncthreads();
+  if (i < n) out[i] = dynamic[threadIdx.x];
+}
+
 using Kernel = void (*)(const float*, float*, int);
 
 at::Tensor selftest(const std::string& name, const at::Tensor& input) {
@@ -165,6 +177,8 @@ at::Tensor selftest(const std::string& name, const at::Tensor& input) {
   else if (name == "grid_x_too_large") run("block_sum", block_sum, {Dim3(int64_t(1) << 31), Dim3(kThreads), 0, kThreads});
   else if (name == "too_much_dynamic_shared") {
     run("reverse_block", reverse_block<0>, {Dim3(blocks), Dim3(kThreads), 64 * 1024, kThreads});
+  } else if (name == "static_plus_dynamic_over_48k") {
+    run("static_and_dynamic", static_and_dynamic, {Dim3(blocks), Dim3(kThreads), 44 * 1024, kThreads});
   } else if (name == "opted_in_dynamic_shared") {
     allow_dynamic_shared(reverse_block<1>, 100 * 1024);
     run("reverse_block", reverse_block<1>, {Dim3(blocks), Dim3(kThreads), 100 * 1024, kThreads});
