@@ -55,10 +55,16 @@ def _assert_identical(runs):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("cuda", marks=requires_cuda),
+                                     "emu-random:11"])
 @pytest.mark.parametrize("op", list(OPS))
-def test_backward_bit_identical_under_deterministic_mode(op, device, deterministic):
-    _assert_identical([_run(op, device) for _ in range(3)])
+def test_backward_bit_identical_under_deterministic_mode(op, backend, deterministic):
+    if backend.startswith("emu"):
+        gpu = GpuBackend(backend)
+        with emulator.emulated_cuda(gpu.order):
+            _assert_identical([_run(op, gpu.device) for _ in range(3)])
+    else:
+        _assert_identical([_run(op, backend) for _ in range(3)])
 
 
 @pytest.mark.parametrize("op", list(OPS))
