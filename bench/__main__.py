@@ -4,6 +4,7 @@ Examples:
   python -m bench --quick                       # a minute on a laptop CPU
   python -m bench --device cuda --json r.json --markdown r.md --plot r.png
   ncu --target-processes all python -m bench --case replknet-31x31-128@56 --once
+  python -m bench --model --dtype fp16         # H100 bytes/FLOPs model, no GPU, no timing
 """
 import argparse
 import dataclasses
@@ -18,7 +19,6 @@ import torch
 from . import cases as cases_mod
 from . import report
 from .metrics import PASSES
-from .runner import measure_deferred_memory, run_case
 from .timing import copy_bandwidth, matmul_flops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH.png")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
+    p.add_argument("--model", action="store_true",
+                   help="print the H100 bytes/FLOPs model of the CUDA depthwise kernels for the "
+                        "selected GPU cases and exit (predictions: nothing is timed, no GPU "
+                        "needed; default: the depthwise suite)")
     return p.parse_args(argv)
 
 
@@ -92,8 +96,52 @@ def metadata(device: str, quick: bool):
     return meta
 
 
+def select_cases(args, cases):
+    """The cases that --suite, --case, --quick and --batch select."""
+    if args.suite:
+        cases = [c for c in cases if c.suite in args.suite]
+    if args.case:
+        unknown = set(args.case) - {c.name for c in cases}
+        if unknown:
+            sys.exit(f"unknown case(s): {', '.join(sorted(unknown))}; see --list")
+        cases = [c for c in cases if c.name in args.case]
+    elif args.quick:
+        cases = [c for c in cases if "quick" in c.tags]
+    if args.batch:
+        cases = [dataclasses.replace(c, N=args.batch) for c in cases]
+    return cases
+
+
+def run_model(args):
+    from . import model
+    cases = cases_mod.GPU_CASES  # the model is of the GPU kernels: always the GPU shapes
+    if not (args.suite or args.case):
+        cases = [c for c in cases if c.suite == "depthwise"]
+    cases = select_cases(args, cases)
+    skipped = [c.name for c in cases if c.suite != "depthwise"]
+    if skipped:
+        print(f"--model covers the depthwise kernels only; skipping {', '.join(skipped)}",
+              file=sys.stderr)
+    cases = [c for c in cases if c.suite == "depthwise"]
+    if not cases:
+        sys.exit("--model: no depthwise case selected")
+    rows = model.model_rows(cases, args.dtype or list(DTYPES),
+                            args.layout or ["nchw", "channels_last"], args.passes or PASSES)
+    print(model.text_table(rows))
+    print("\n".join(model.legend()))
+    if args.json:
+        model.write_json(args.json, rows)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(model.markdown(rows))
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.model:
+        return run_model(args)
+    from .runner import measure_deferred_memory, run_case  # imports convops
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,18 +151,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = True
 
-    selected = cases_mod.suites(device)
-    if args.suite:
-        selected = [c for c in selected if c.suite in args.suite]
-    if args.case:
-        unknown = set(args.case) - {c.name for c in selected}
-        if unknown:
-            sys.exit(f"unknown case(s): {', '.join(sorted(unknown))}; see --list")
-        selected = [c for c in selected if c.name in args.case]
-    elif args.quick:
-        selected = [c for c in selected if "quick" in c.tags]
-    if args.batch:
-        selected = [dataclasses.replace(c, N=args.batch) for c in selected]
+    selected = select_cases(args, cases_mod.suites(device))
     if args.list:
         for c in selected:
             print(f"{c.suite:10s} {c.name:32s} N={c.N} C={c.C}->{c.OC} {c.H}x{c.W} k={c.k}")

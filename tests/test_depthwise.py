@@ -117,6 +117,89 @@ def test_matches_conv2d_gpu(case, impl, gpu, monkeypatch):
     _check_gpu(case, gpu)
 
 
+def _case(channels, kernel, size, dtype, channels_last, multiplier=1, stride=1, dilation=1,
+          padding="same", batch=2, bias=True):
+    pair = lambda v: v if isinstance(v, tuple) else (v, v)  # noqa: E731
+    return dict(channels=channels, multiplier=multiplier, kernel=pair(kernel),
+                stride=pair(stride), dilation=pair(dilation), padding=padding, batch=batch,
+                bias=bias, channels_last=channels_last, dtype=dtype, size=size)
+
+
+F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
+FWD_NHWC, FWD_NCHW = "depthwise_forward_nhwc_vec", "depthwise_forward_tiled_nchw"
+FWD_PLAIN, IGRAD_GATHER = "depthwise_forward_plain", "depthwise_input_grad"
+WGRAD_TILED = ("depthwise_weight_grad_tiled", "depthwise_weight_grad_reduce")
+WGRAD_PLAIN = "depthwise_weight_grad"
+
+# The tuned CUDA kernels, with realistic channel counts (several 16-byte packs, pack tails),
+# maps larger than one tile, and the kernels each case must run: forward, input gradient
+# (stride 1 and multiplier 1: the forward kernel on grad_output with flipped taps; otherwise the
+# gather), weight gradient.
+TUNED_PATH_CASES = [
+    (_case(64, 3, (40, 37), F16, True), {FWD_NHWC, *WGRAD_TILED}),
+    (_case(80, 5, (33, 30), BF16, True, stride=2, padding=2), {FWD_NHWC, IGRAD_GATHER,
+                                                               *WGRAD_TILED}),
+    (_case(16, 7, (21, 26), F32, True, dilation=2), {FWD_NHWC, *WGRAD_TILED}),
+    (_case(6, (3, 5), (17, 19), F64, True, padding=(1, 0)), {FWD_NHWC, *WGRAD_TILED}),
+    (_case(33, 3, (18, 20), F32, True), {FWD_PLAIN, IGRAD_GATHER, *WGRAD_TILED}),
+    (_case(20, 3, (12, 13), F16, True, multiplier=2), {FWD_PLAIN, IGRAD_GATHER, *WGRAD_TILED}),
+    (_case(17, 3, (7, 7), F32, False, batch=3), {FWD_NCHW, *WGRAD_TILED}),
+    (_case(7, 3, (14, 14), F16, False, multiplier=2, padding=1), {FWD_NCHW, IGRAD_GATHER,
+                                                                   *WGRAD_TILED}),
+    (_case(64, 3, (56, 45), BF16, False), {FWD_NCHW, *WGRAD_TILED}),
+    (_case(16, 3, (30, 70), F32, False, stride=(2, 1), padding=1), {FWD_NCHW, IGRAD_GATHER,
+                                                                     *WGRAD_TILED}),
+    (_case(5, 31, (40, 45), F32, False), {FWD_NCHW, *WGRAD_TILED}),
+    (_case(3, 31, (20, 23), BF16, True, dilation=(1, 2)), {FWD_PLAIN, IGRAD_GATHER,
+                                                           *WGRAD_TILED}),
+    (_case(2, 9, (120, 100), F32, False, stride=3, dilation=9, padding=0),
+     {FWD_NCHW, IGRAD_GATHER, WGRAD_PLAIN}),
+]
+
+
+def _launches():
+    from convops import emulator
+    return emulator.launch_counts()
+
+
+TUNED_SETTINGS = {"int32": {}, "int64": {"CONVOPS_CUDA_INDEX": "int64"},
+                  "grid-loop": {"CONVOPS_CUDA_MAX_GRID": "3"}}
+
+
+@pytest.mark.parametrize("setting", list(TUNED_SETTINGS))
+@pytest.mark.parametrize("case,kernels", TUNED_PATH_CASES,
+                         ids=[str(i) for i in range(len(TUNED_PATH_CASES))])
+def test_tuned_kernels_gpu(case, kernels, setting, gpu, monkeypatch):
+    """Each tuned kernel against the float64 reference and the CPU op, asserting (in the
+    emulator) which kernels ran; int64 forces 64-bit indexing; grid-loop caps the tuned
+    kernels' grids at 3 blocks so their loops over blocks run (the geometry used when a grid
+    would exceed the device limit)."""
+    for key, value in TUNED_SETTINGS[setting].items():
+        monkeypatch.setenv(key, value)
+    before = _launches() if gpu.emulated else {}
+    _check_gpu(case, gpu)
+    if gpu.emulated:
+        after = _launches()
+        ran = {k for k, v in after.items() if v > before.get(k, 0) and k.startswith("depthwise")}
+        assert ran == kernels, f"ran {sorted(ran)}, expected {sorted(kernels)}"
+
+
+def test_misaligned_channels_last_input_takes_the_plain_kernel(gpu):
+    # A view starting 2 bytes into its storage cannot use 16-byte loads.
+    storage = torch.randn(2 * 20 * 9 * 16 + 1, dtype=torch.float16)
+    x = storage[1:].view(2, 9, 20, 16).permute(0, 3, 1, 2)  # channels_last, misaligned
+    w = torch.randn(16, 1, 3, 3, dtype=torch.float16)
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    before = _launches() if gpu.emulated else {}
+    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), None, 1, 1)
+    expected = F.conv2d(x.double(), w.double(), None, 1, 1, 1, 16)
+    assert_close(out, expected, torch.float16, "misaligned input")
+    if gpu.emulated:
+        after = _launches()
+        assert after.get(FWD_PLAIN, 0) > before.get(FWD_PLAIN, 0)
+        assert after.get(FWD_NHWC, 0) == before.get(FWD_NHWC, 0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gpu_matches_cpu(dtype, channels_last, gpu):

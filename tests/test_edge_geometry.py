@@ -59,14 +59,16 @@ def _compare(out, ref, leaves, ref_leaves, names, dtype, seed):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "cl"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
-@pytest.mark.parametrize("op", ["depthwise", "dilated"])
+@pytest.mark.parametrize("op", ["depthwise", "depthwise-packs", "dilated"])
 @pytest.mark.parametrize("edge", CONV_EDGES, ids=lambda e: e[0])
 def test_conv_edges(edge, op, dtype, channels_last, backend):
+    # depthwise: multiplier 2 (plain NHWC kernels); depthwise-packs: 16 channels, multiplier 1,
+    # whole 16-byte packs in every dtype (the CUDA NHWC pack kernels).
     name, size, kernel, stride, padding, dilation = edge
     seed = stable_seed(edge, op, str(dtype), channels_last)
     g = torch.Generator().manual_seed(seed)
-    channels, groups = (3, 3) if op == "depthwise" else (4, 2)
-    out_channels = 6
+    channels, groups, out_channels = {"depthwise": (3, 3, 6), "depthwise-packs": (16, 16, 16),
+                                      "dilated": (4, 2, 6)}[op]
     x = _rand(g, 2, channels, *size)
     w = _rand(g, out_channels, channels // groups, *kernel)
     b = _rand(g, out_channels)
@@ -75,7 +77,7 @@ def test_conv_edges(edge, op, dtype, channels_last, backend):
     device = _device(backend)
     leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (x, w, b)]
     ref_leaves = [t.to(dtype).double().requires_grad_() for t in (x, w, b)]
-    if op == "depthwise":
+    if op.startswith("depthwise"):
         out = convops.depthwise_conv2d(*leaves, stride, padding, dilation)
     else:
         out = convops.dilated_conv2d(*leaves, stride, padding, dilation, groups)

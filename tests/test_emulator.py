@@ -192,6 +192,7 @@ def _run_every_path(monkeypatch):
     x = torch.randn(2, 4, 12, 11, generator=g, requires_grad=True)
     xcl = x.detach().to(memory_format=torch.channels_last).requires_grad_()
     dw = torch.randn(8, 1, 3, 3, generator=g, requires_grad=True)
+    dw1 = torch.randn(4, 1, 3, 3, generator=g, requires_grad=True)
     dil = torch.randn(6, 2, 3, 3, generator=g, requires_grad=True)
     dcn = torch.randn(6, 4, 3, 3, generator=g, requires_grad=True)
     off = torch.randn(2, 18, 12, 11, generator=g, requires_grad=True)
@@ -202,6 +203,7 @@ def _run_every_path(monkeypatch):
             monkeypatch.setenv("CONVOPS_CUDA_INDEX", index)
             for inp in (x, xcl):
                 convops.depthwise_conv2d(inp, dw, None, 1, 1).sum().backward()
+                convops.depthwise_conv2d(inp, dw1, None, 1, 1).sum().backward()  # multiplier 1
     prev = torch.are_deterministic_algorithms_enabled()
     try:
         for deterministic in (False, True):

@@ -1,30 +1,45 @@
 // Depthwise conv2d on CUDA: forward, input gradient and weight gradient, NCHW and NHWC.
 //
-// Design
-// - Forward, tuned path (NCHW): one block computes a 32x32 output tile of one (n, oc) plane.
-//   It stages the input tile plus its halo ((31*s + (k-1)*d + 1)^2 values, converted to the
-//   fp32/fp64 accumulation type) and the plane's k*k filter in shared memory, then each of the
-//   32x8 threads produces 4 outputs down a column, so every staged value is reused k*k times
-//   from shared memory and global memory sees each input byte ~(1 + halo/tile) times. For
-//   k <= 5 this makes the kernel a streaming copy (target: >= 80% of copy bandwidth, bytes =
-//   N*C*H*W + N*OC*Ho*Wo elements); for large k (7..31) the shared tile turns a k^2-times
-//   re-read of global memory into shared-memory traffic, where PyTorch's direct kernel and
-//   cuDNN fall back to slow paths. Tiles that would need more than 48 KiB of shared memory
-//   (very large dilated kernels) use the plain path.
-// - Plain path: one thread per output element in the output's memory order (coalesced for
-//   NCHW and NHWC), computing with depthwise_output_value from common/ (the CPU code shares it).
-//   NHWC always uses it: consecutive threads read consecutive channels, already coalesced.
-//   CONVOPS_CUDA_IMPL=plain forces it everywhere, so a GPU session can tell a tiling bug from
-//   a math bug.
-// - Input gradient: a gather (one thread per input element, depthwise_input_grad_value), so
-//   no atomics and a fixed summation order.
-// - Weight gradient: one block per (oc, tap) reduces N*Ho*Wo products with a fixed-shape tree
-//   (warp shuffles, then shared memory): deterministic, no float atomics. It re-reads the
-//   plane per tap; a blocked version that stages the plane once is the next lever.
-// Accumulation is in at::opmath_type (fp32 for fp16/bf16). int32 indexing is used when every
-// tensor (the weight included) has fewer than INT32_MAX elements, int64 otherwise;
-// CONVOPS_CUDA_INDEX=int64 forces int64 so that tests run that path on small tensors.
-// Written in the device dialect (cuda/dialect.h): the emulator runs this same file.
+// Tuned paths (bytes per pass are modelled in bench/model.py, `python -m bench --model`)
+// - Forward NHWC (depthwise_forward_nhwc_vec): channels on the thread axis in 16-byte packs
+//   (8 fp16/bf16, 4 fp32, 2 fp64 channels); each thread computes a strip of kStrip outputs along
+//   W for its pack, accumulating in fp32. Along a filter row the strip's input packs form a
+//   sliding window in registers (stride 1, dilation 1: kStrip + kw - 1 loads per row instead of
+//   kStrip * kw); the k*k weight packs come from a (kh, kw, C) copy of the weight (k*k*C
+//   elements), so every global access is a 16-byte load or store. Neighbouring strips and rows
+//   re-read the halo through L1/L2, so DRAM sees each input byte about once. Needs multiplier 1,
+//   C a multiple of the pack and 16-byte aligned tensors; otherwise the plain kernel runs.
+// - Forward NCHW (depthwise_forward_tiled_nchw): a block stages, for `planes` (n, oc) planes at
+//   once, an output tile of tile_w x tile_h plus its halo and the plane's filter in shared memory
+//   (in fp32/fp64), then each thread computes kRows outputs down a column with a sliding window
+//   of staged values in registers (kRows + kh - 1 shared loads per filter column instead of
+//   kRows * kh at stride 1). Tile width follows the map (8, 16 or 32) and small maps put several
+//   planes in one block (7x7: 32 planes of an 8x8 tile; 14x14: 8 planes of 16x16), so blocks are
+//   not mostly halo. Large kernels (up to 63x63 here) use the same kernel: the input tile and the
+//   filter live in shared memory and the window keeps the FMA:load ratio high. A halo too large
+//   for 48 KiB shrinks the tile (plan_nchw_tile); past 8x8 outputs the plain kernel runs.
+// - Input gradient, stride 1 and multiplier 1: the forward kernels above run on grad_output with
+//   the filter flipped and padding (k-1)*d - p. Otherwise a gather (one thread per input
+//   element, depthwise_input_grad_value): no atomics, fixed summation order.
+// - Weight gradient (depthwise_weight_grad_tiled + depthwise_weight_grad_reduce): each block
+//   takes a block of CB output channels and a fixed sequence of tiles (kWgRows x kWgCols output
+//   pixels of one image); per tile it stages grad_output and the input tile with its halo once
+//   (coalesced in either layout) and accumulates all k*k taps of its channels, each (channel,
+//   tap) owned by one thread. Per-block partials (fp32/fp64) go to a buffer of G x OC x k*k
+//   (G <= kMaxWgGroups, independent of the batch), which a second kernel sums in a fixed order.
+//   Deterministic always, no atomics. Geometries whose staged tile exceeds 48 KiB even for one
+//   channel (huge dilation or stride) use the plain kernel.
+// Plain path (CONVOPS_CUDA_IMPL=plain forces it): one thread per output / input element (a full
+// grid, no loop: 64-bit loop arithmetic made these spill), and one block per (oc, tap) for the
+// weight gradient, computed with the common/ helpers the CPU shares.
+//
+// Geometry: every tile size, shared-memory size and grid dimension is computed in int64 and
+// checked before launch; the tuned kernels' 1-D grids are capped at the device limit and the
+// kernels loop over their blocks (CONVOPS_CUDA_MAX_GRID lowers the cap so tests run those
+// loops); the plain elementwise kernels launch one thread per element, up to the limit. int32 indexing is
+// used when every tensor, the weight included, has fewer than INT32_MAX elements;
+// CONVOPS_CUDA_INDEX=int64 forces int64. Written in the device dialect (cuda/dialect.h): the
+// emulator runs this same file.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,6 +48,7 @@
 #include <ATen/ops/sum.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -46,14 +62,33 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileW = 32;          // threads along x = output columns per tile
-constexpr int kThreadsY = 8;        // threads along y
-constexpr int kRowsPerThread = 4;   // outputs per thread, down a column
-constexpr int kTileH = kThreadsY * kRowsPerThread;
-constexpr int64_t kMaxTiledSmem = 48 * 1024;
+constexpr int kStrip = 4;       // NHWC forward: output columns per thread
+constexpr int kRows = 8;        // NCHW forward: outputs per thread, down a column
+constexpr int kMaxPlanes = kThreads / 8;  // NCHW forward: planes per block (8-wide tiles)
+constexpr int kWgRows = 4;      // weight gradient tile: output rows
+constexpr int kWgCols = 32;     //                       output columns
+constexpr int kWgTaps = 8;      // weight gradient: taps of one filter row per thread
+constexpr int64_t kMaxWgGroups = 1024;     // partial sums per (oc, tap): bounds the buffer
+constexpr int64_t kTargetBlocks = 528;     // 4 blocks on each of an H100's 132 SMs
+constexpr int64_t kMaxSmem = 48 * 1024;
+// The NCHW tile's dynamic part; its static plane table takes the rest.
+constexpr int64_t kMaxTileSmem = kMaxSmem - 2 * kMaxPlanes * sizeof(int64_t);
 
 // Read on every call, so tests can switch paths inside one process.
 bool plain_kernels_forced() { return env_is("CONVOPS_CUDA_IMPL", "plain"); }
+
+// The largest 1-D grid launched; kernels loop over the rest of their blocks.
+int64_t max_grid() {
+  const char* v = std::getenv("CONVOPS_CUDA_MAX_GRID");
+  const int64_t forced = v != nullptr ? std::atoll(v) : 0;
+  return forced > 0 ? std::min(forced, kMaxGridX) : kMaxGridX;
+}
+
+int64_t next_pow2(int64_t v) {
+  int64_t p = 1;
+  while (p < v) p *= 2;
+  return p;
+}
 
 template <typename index_t>
 struct Params {
@@ -69,6 +104,16 @@ Params<index_t> make_params(const DepthwiseGeometry& g, bool channels_last) {
           static_cast<index_t>(g.sh), static_cast<index_t>(g.sw), static_cast<index_t>(g.ph),
           static_cast<index_t>(g.pw), static_cast<index_t>(g.dh), static_cast<index_t>(g.dw),
           static_cast<index_t>(g.Ho), static_cast<index_t>(g.Wo), channels_last};
+}
+
+// The input gradient at stride 1, multiplier 1, as a forward convolution: grad_output is the
+// input, the filter is flipped (by the caller) and the padding becomes (k-1)*d - p.
+DepthwiseGeometry flipped_geometry(const DepthwiseGeometry& g) {
+  DepthwiseGeometry f = g;
+  f.H = g.Ho; f.W = g.Wo; f.Ho = g.H; f.Wo = g.W;
+  f.ph = (g.kh - 1) * g.dh - g.ph;
+  f.pw = (g.kw - 1) * g.dw - g.pw;
+  return f;
 }
 
 // Splits a linear index in the memory order of an (N, C, H, W) tensor stored NCHW or NHWC.
@@ -93,6 +138,8 @@ __device__ __forceinline__ Coord4<index_t> split_index(index_t idx, index_t C, i
   return r;
 }
 
+// ---- plain kernels -------------------------------------------------------------------------
+
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 depthwise_forward_plain(const scalar_t* __restrict__ input, const scalar_t* __restrict__ weight,
@@ -100,8 +147,7 @@ depthwise_forward_plain(const scalar_t* __restrict__ input, const scalar_t* __re
                         Params<index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t linear = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const index_t total = p.N * p.OC * p.Ho * p.Wo;
-  if (linear >= total) return;
+  if (linear >= static_cast<int64_t>(p.N) * p.OC * p.Ho * p.Wo) return;
   const index_t idx = static_cast<index_t>(linear);
   const auto o = split_index<index_t>(idx, p.OC, p.Ho, p.Wo, p.channels_last);
   const index_t c = o.c / p.M;
@@ -124,69 +170,12 @@ depthwise_forward_plain(const scalar_t* __restrict__ input, const scalar_t* __re
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void __launch_bounds__(kTileW * kThreadsY)
-depthwise_forward_tiled_nchw(const scalar_t* __restrict__ input,
-                             const scalar_t* __restrict__ weight,
-                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
-                             Params<index_t> p, int tiles_w, int tiles_h, int smem_h,
-                             int smem_w) {
-  using acc_t = at::opmath_type<scalar_t>;
-  CONVOPS_DYNAMIC_SHARED(acc_t, s_in);
-  acc_t* s_w = s_in + smem_h * smem_w;
-
-  int64_t b = blockIdx.x;
-  const index_t tile_x = static_cast<index_t>(b % tiles_w); b /= tiles_w;
-  const index_t tile_y = static_cast<index_t>(b % tiles_h);
-  const index_t plane = static_cast<index_t>(b / tiles_h);  // n * OC + oc
-  const index_t n = plane / p.OC, oc = plane % p.OC, c = oc / p.M;
-  const index_t oy0 = tile_y * kTileH, ox0 = tile_x * kTileW;
-  const index_t iy0 = oy0 * p.sh - p.ph, ix0 = ox0 * p.sw - p.pw;
-  const scalar_t* in_plane = input + (n * p.C + c) * p.H * p.W;
-
-  const int tid = threadIdx.y * kTileW + threadIdx.x;
-  for (int i = tid; i < smem_h * smem_w; i += kTileW * kThreadsY) {
-    const index_t iy = iy0 + i / smem_w, ix = ix0 + i % smem_w;
-    s_in[i] = (iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
-                  ? static_cast<acc_t>(in_plane[iy * p.W + ix])
-                  : acc_t(0);
-  }
-  for (int i = tid; i < p.kh * p.kw; i += kTileW * kThreadsY)
-    s_w[i] = static_cast<acc_t>(weight[oc * p.kh * p.kw + i]);
-  __syncthreads();
-
-  acc_t acc[kRowsPerThread];
-#pragma unroll
-  for (int r = 0; r < kRowsPerThread; ++r) acc[r] = 0;
-  const int tx = threadIdx.x, ty = threadIdx.y;
-  for (int ky = 0; ky < p.kh; ++ky) {
-    for (int kx = 0; kx < p.kw; ++kx) {
-      const acc_t wv = s_w[ky * p.kw + kx];
-      const int col = tx * p.sw + kx * p.dw;
-#pragma unroll
-      for (int r = 0; r < kRowsPerThread; ++r) {
-        const int row = (ty + r * kThreadsY) * p.sh + ky * p.dh;
-        acc[r] += wv * s_in[row * smem_w + col];
-      }
-    }
-  }
-  const index_t ox = ox0 + tx;
-  if (ox >= p.Wo) return;
-  const acc_t bv = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
-#pragma unroll
-  for (int r = 0; r < kRowsPerThread; ++r) {
-    const index_t oy = oy0 + ty + r * kThreadsY;
-    if (oy < p.Ho) output[(plane * p.Ho + oy) * p.Wo + ox] = static_cast<scalar_t>(acc[r] + bv);
-  }
-}
-
-template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 depthwise_input_grad(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ weight,
                      scalar_t* __restrict__ grad_in, Params<index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t linear = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const index_t total = p.N * p.C * p.H * p.W;
-  if (linear >= total) return;
+  if (linear >= static_cast<int64_t>(p.N) * p.C * p.H * p.W) return;
   const index_t idx = static_cast<index_t>(linear);
   const auto i = split_index<index_t>(idx, p.C, p.H, p.W, p.channels_last);
   const scalar_t* go;
@@ -217,61 +206,470 @@ __device__ __forceinline__ acc_t block_sum(acc_t v) {
   return v;
 }
 
+// One block per (oc, tap): re-reads the planes k*k times; the plain reference.
 template <typename scalar_t, typename index_t>
 __global__ void __launch_bounds__(kThreads)
 depthwise_weight_grad(const scalar_t* __restrict__ grad_out, const scalar_t* __restrict__ input,
                       scalar_t* __restrict__ grad_w, Params<index_t> p) {
   using acc_t = at::opmath_type<scalar_t>;
   const index_t taps = p.kh * p.kw;
-  const index_t oc = blockIdx.x / taps, tap = blockIdx.x % taps;
-  const index_t ky = tap / p.kw, kx = tap % p.kw, c = oc / p.M;
-  const index_t positions = p.N * p.Ho * p.Wo;
-  acc_t acc = 0;
-  for (int64_t linear = threadIdx.x; linear < positions; linear += kThreads) {
-    const index_t pos = static_cast<index_t>(linear);
-    const index_t ow = pos % p.Wo, oh = (pos / p.Wo) % p.Ho, n = pos / (p.Wo * p.Ho);
-    const index_t ih = conv_input_pos<index_t>(oh, ky, p.sh, p.ph, p.dh);
-    const index_t iw = conv_input_pos<index_t>(ow, kx, p.sw, p.pw, p.dw);
-    if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) continue;
-    index_t go_off, in_off;
-    if (p.channels_last) {
-      go_off = ((n * p.Ho + oh) * p.Wo + ow) * p.OC + oc;
-      in_off = ((n * p.H + ih) * p.W + iw) * p.C + c;
-    } else {
-      go_off = ((n * p.OC + oc) * p.Ho + oh) * p.Wo + ow;
-      in_off = ((n * p.C + c) * p.H + ih) * p.W + iw;
+  const int64_t blocks = static_cast<int64_t>(p.OC) * taps;
+  for (int64_t block = blockIdx.x; block < blocks; block += gridDim.x) {
+    const index_t oc = static_cast<index_t>(block / taps), tap = static_cast<index_t>(block % taps);
+    const index_t ky = tap / p.kw, kx = tap % p.kw, c = oc / p.M;
+    const int64_t positions = static_cast<int64_t>(p.N) * p.Ho * p.Wo;
+    acc_t acc = 0;
+    for (int64_t linear = threadIdx.x; linear < positions; linear += kThreads) {
+      const index_t pos = static_cast<index_t>(linear);
+      const index_t ow = pos % p.Wo, oh = (pos / p.Wo) % p.Ho, n = pos / (p.Wo * p.Ho);
+      const index_t ih = conv_input_pos<index_t>(oh, ky, p.sh, p.ph, p.dh);
+      const index_t iw = conv_input_pos<index_t>(ow, kx, p.sw, p.pw, p.dw);
+      if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) continue;
+      index_t go_off, in_off;
+      if (p.channels_last) {
+        go_off = ((n * p.Ho + oh) * p.Wo + ow) * p.OC + oc;
+        in_off = ((n * p.H + ih) * p.W + iw) * p.C + c;
+      } else {
+        go_off = ((n * p.OC + oc) * p.Ho + oh) * p.Wo + ow;
+        in_off = ((n * p.C + c) * p.H + ih) * p.W + iw;
+      }
+      acc += static_cast<acc_t>(grad_out[go_off]) * static_cast<acc_t>(input[in_off]);
     }
-    acc += static_cast<acc_t>(grad_out[go_off]) * static_cast<acc_t>(input[in_off]);
+    acc = block_sum(acc);
+    if (threadIdx.x == 0) grad_w[block] = static_cast<scalar_t>(acc);
+    __syncthreads();  // block_sum's shared partials are reused by the next block
   }
-  acc = block_sum(acc);
-  if (threadIdx.x == 0) grad_w[blockIdx.x] = static_cast<scalar_t>(acc);
+}
+
+// ---- NHWC forward: 16-byte channel packs, a strip of outputs per thread ---------------------
+
+template <typename scalar_t>
+struct alignas(16) Pack16 {
+  static constexpr int kLanes = 16 / sizeof(scalar_t);
+  scalar_t v[kLanes];
+};
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack16<scalar_t> load_pack(const scalar_t* p) {
+  return *reinterpret_cast<const Pack16<scalar_t>*>(p);
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ Pack16<scalar_t> zero_pack() {
+  Pack16<scalar_t> z;
+#pragma unroll
+  for (int l = 0; l < Pack16<scalar_t>::kLanes; ++l) z.v[l] = scalar_t(0);
+  return z;
+}
+
+// weight_hwc: the filter as (kh, kw, C) so that a pack of channels is 16 contiguous bytes.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+depthwise_forward_nhwc_vec(const scalar_t* __restrict__ input,
+                           const scalar_t* __restrict__ weight_hwc,
+                           const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
+                           Params<index_t> p, int64_t strips, int64_t total) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Pack = Pack16<scalar_t>;
+  constexpr int L = Pack::kLanes;
+  const index_t packs = p.C / L;
+  const bool unit_step = p.sw == 1 && p.dw == 1;
+  for (int64_t linear = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+       linear < total; linear += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t rest = linear;
+    const index_t pack = static_cast<index_t>(rest % packs); rest /= packs;
+    const index_t strip = static_cast<index_t>(rest % strips); rest /= strips;
+    const index_t oh = static_cast<index_t>(rest % p.Ho);
+    const index_t n = static_cast<index_t>(rest / p.Ho);
+    const index_t ow0 = strip * kStrip, c0 = pack * L;
+
+    acc_t acc[kStrip][L];
+#pragma unroll
+    for (int l = 0; l < L; ++l) {
+      const acc_t b = bias != nullptr ? static_cast<acc_t>(bias[c0 + l]) : acc_t(0);
+#pragma unroll
+      for (int s = 0; s < kStrip; ++s) acc[s][l] = b;
+    }
+    const scalar_t* image = input + n * p.H * p.W * p.C + c0;
+    for (index_t ky = 0; ky < p.kh; ++ky) {
+      const index_t ih = conv_input_pos<index_t>(oh, ky, p.sh, p.ph, p.dh);
+      if (ih < 0 || ih >= p.H) continue;
+      const scalar_t* row = image + ih * p.W * p.C;
+      Pack window[kStrip];
+      for (index_t kx = 0; kx < p.kw; ++kx) {
+        const Pack w = load_pack(weight_hwc + (ky * p.kw + kx) * p.C + c0);
+        if (kx == 0 || !unit_step) {
+#pragma unroll
+          for (int s = 0; s < kStrip; ++s) {
+            const index_t iw = conv_input_pos<index_t>(ow0 + s, kx, p.sw, p.pw, p.dw);
+            window[s] = (iw >= 0 && iw < p.W) ? load_pack(row + iw * p.C) : zero_pack<scalar_t>();
+          }
+        } else {  // slide by one column: only the newest pack is loaded
+#pragma unroll
+          for (int s = 0; s + 1 < kStrip; ++s) window[s] = window[s + 1];
+          const index_t iw = conv_input_pos<index_t>(ow0 + kStrip - 1, kx, p.sw, p.pw, p.dw);
+          window[kStrip - 1] =
+              (iw >= 0 && iw < p.W) ? load_pack(row + iw * p.C) : zero_pack<scalar_t>();
+        }
+#pragma unroll
+        for (int s = 0; s < kStrip; ++s)
+#pragma unroll
+          for (int l = 0; l < L; ++l)
+            acc[s][l] += static_cast<acc_t>(w.v[l]) * static_cast<acc_t>(window[s].v[l]);
+      }
+    }
+    scalar_t* out = output + ((n * p.Ho + oh) * p.Wo + ow0) * p.C + c0;
+#pragma unroll
+    for (int s = 0; s < kStrip; ++s) {
+      if (ow0 + s >= p.Wo) break;
+      Pack o;
+#pragma unroll
+      for (int l = 0; l < L; ++l) o.v[l] = static_cast<scalar_t>(acc[s][l]);
+      *reinterpret_cast<Pack*>(out + s * p.C) = o;
+    }
+  }
+}
+
+// ---- NCHW forward: shared-memory tiles, several planes per block for small maps -------------
+
+// Block shape and shared memory of the NCHW tile kernel for one geometry (all int64).
+struct NchwTile {
+  int64_t tile_w, threads_y, planes, tile_h, smem_h, smem_w, plane_floats, smem_bytes;
+  int64_t tiles_w, tiles_h, blocks;
+};
+
+// Tile width follows the map (8..32), the column strips cover its height (up to 256 threads),
+// spare threads take more planes; a tile whose halo outgrows shared memory (large dilation or
+// stride) first drops planes, then rows, then columns.
+NchwTile plan_nchw_tile(const DepthwiseGeometry& g, int64_t acc_size) {
+  NchwTile t;
+  const int64_t plane_count = g.N * g.OC;
+  t.tile_w = std::min<int64_t>(std::max<int64_t>(next_pow2(g.Wo), 8), 32);
+  t.threads_y = std::min<int64_t>(next_pow2((g.Ho + kRows - 1) / kRows), kThreads / t.tile_w);
+  t.planes = std::min(kThreads / (t.tile_w * t.threads_y), next_pow2(plane_count));
+  for (;;) {
+    t.tile_h = t.threads_y * kRows;
+    t.smem_h = (t.tile_h - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+    t.smem_w = (t.tile_w - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+    t.plane_floats = t.smem_h * t.smem_w + g.kh * g.kw;
+    t.smem_bytes = t.planes * t.plane_floats * acc_size;
+    if (t.smem_bytes <= kMaxTileSmem) break;
+    if (t.planes > 1) t.planes /= 2;
+    else if (t.threads_y > 1) t.threads_y /= 2;
+    else if (t.tile_w > 8) t.tile_w /= 2;
+    else break;  // does not fit: the caller takes the plain kernel
+  }
+  t.tiles_w = (g.Wo + t.tile_w - 1) / t.tile_w;
+  t.tiles_h = (g.Ho + t.tile_h - 1) / t.tile_h;
+  t.blocks = (plane_count + t.planes - 1) / t.planes * t.tiles_h * t.tiles_w;
+  return t;
+}
+
+// Block (tile_w, threads_y, planes); threadIdx.z picks the plane, (x, y) the column and the
+// kRows-row strip. blocks: all tiles of all plane groups (the grid may be smaller).
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+depthwise_forward_tiled_nchw(const scalar_t* __restrict__ input,
+                             const scalar_t* __restrict__ weight,
+                             const scalar_t* __restrict__ bias, scalar_t* __restrict__ output,
+                             Params<index_t> p, int64_t tiles_w, int64_t tiles_h,
+                             int64_t blocks, int smem_h, int smem_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  CONVOPS_DYNAMIC_SHARED(acc_t, smem);
+  CONVOPS_SHARED_ARRAY(index_t, plane_info, 2 * kMaxPlanes);
+  const int planes = blockDim.z, area = smem_h * smem_w, taps = p.kh * p.kw;
+  const int plane_floats = area + taps;
+  const int threads = blockDim.x * blockDim.y * blockDim.z;
+  const int tid = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t plane_count = static_cast<int64_t>(p.N) * p.OC;
+  const bool unit_step = p.sh == 1 && p.dh == 1;
+  for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {
+    // One 64-bit division per tile (in the int64 build each one is a call).
+    const int64_t group = b / (tiles_w * tiles_h);
+    const int tile = static_cast<int>(b - group * tiles_w * tiles_h);
+    const index_t tile_x = tile % static_cast<int>(tiles_w);
+    const index_t tile_y = tile / static_cast<int>(tiles_w);
+    const int64_t first_plane = group * planes;
+    const index_t oy0 = tile_y * static_cast<index_t>(blockDim.y * kRows);
+    const index_t ox0 = tile_x * static_cast<index_t>(blockDim.x);
+    const index_t iy0 = oy0 * p.sh - p.ph, ix0 = ox0 * p.sw - p.pw;
+
+    // Each plane's input plane offset and output channel, once per block (the divisions by OC
+    // stay out of the staging loop).
+    if (tid < planes && first_plane + tid < plane_count) {
+      const index_t plane = static_cast<index_t>(first_plane + tid);
+      const index_t n = plane / p.OC, oc = plane % p.OC;
+      plane_info[2 * tid] = (n * p.C + oc / p.M) * p.H * p.W;
+      plane_info[2 * tid + 1] = oc;
+    }
+    __syncthreads();
+    // Stage every plane's input tile (zero outside the image) and filter.
+    for (int i = tid; i < planes * plane_floats; i += threads) {
+      const int pl = i / plane_floats, j = i % plane_floats;
+      if (first_plane + pl >= plane_count) continue;  // nobody reads it
+      acc_t v;
+      if (j < area) {
+        const index_t iy = iy0 + j / smem_w, ix = ix0 + j % smem_w;
+        v = (iy >= 0 && iy < p.H && ix >= 0 && ix < p.W)
+                ? static_cast<acc_t>(input[plane_info[2 * pl] + iy * p.W + ix])
+                : acc_t(0);
+      } else {
+        v = static_cast<acc_t>(weight[plane_info[2 * pl + 1] * taps + (j - area)]);
+      }
+      smem[i] = v;
+    }
+    __syncthreads();
+
+    const index_t plane = static_cast<index_t>(first_plane + threadIdx.z);
+    const index_t ox = ox0 + threadIdx.x, oy_first = oy0 + threadIdx.y * kRows;
+    if (first_plane + threadIdx.z < plane_count && ox < p.Wo && oy_first < p.Ho) {
+      const acc_t* s_in = smem + threadIdx.z * plane_floats;
+      const acc_t* s_w = s_in + area;
+      acc_t acc[kRows];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) acc[r] = 0;
+      const int row0 = threadIdx.y * kRows * p.sh;
+      for (int kx = 0; kx < p.kw; ++kx) {
+        const int col = threadIdx.x * p.sw + kx * p.dw;
+        acc_t window[kRows];
+        for (int ky = 0; ky < p.kh; ++ky) {
+          const acc_t w = s_w[ky * p.kw + kx];
+          if (ky == 0 || !unit_step) {
+#pragma unroll
+            for (int r = 0; r < kRows; ++r)
+              window[r] = s_in[(row0 + r * p.sh + ky * p.dh) * smem_w + col];
+          } else {  // slide down one row: only the newest value is loaded
+#pragma unroll
+            for (int r = 0; r + 1 < kRows; ++r) window[r] = window[r + 1];
+            window[kRows - 1] = s_in[(row0 + kRows - 1 + ky) * smem_w + col];
+          }
+#pragma unroll
+          for (int r = 0; r < kRows; ++r) acc[r] += w * window[r];
+        }
+      }
+      const index_t oc = plane_info[2 * threadIdx.z + 1];
+      const acc_t bv = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+      scalar_t* out = output + plane * p.Ho * p.Wo + ox;
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const index_t oy = oy_first + r;
+        if (oy < p.Ho) out[oy * p.Wo] = static_cast<scalar_t>(acc[r] + bv);
+      }
+    }
+    __syncthreads();  // the next tile overwrites the shared tile
+  }
+}
+
+// ---- weight gradient: tiles staged once, all taps per tile, fixed-order partials ------------
+
+struct WeightGradPlan {
+  int64_t channel_block, channel_blocks, tiles_w, tiles_h, tiles, groups;
+  int64_t in_h, in_w, x_stride, go_stride, smem_bytes;
+  bool fits;
+};
+
+WeightGradPlan plan_weight_grad(const DepthwiseGeometry& g, int64_t acc_size) {
+  WeightGradPlan w;
+  w.in_h = (kWgRows - 1) * g.sh + (g.kh - 1) * g.dh + 1;
+  w.in_w = (kWgCols - 1) * g.sw + (g.kw - 1) * g.dw + 1;
+  w.x_stride = (w.in_h * w.in_w) | 1;       // odd plane strides: lanes on different channels
+  w.go_stride = (kWgRows * kWgCols) | 1;    // fall in different shared-memory banks
+  const int64_t per_channel = w.x_stride + w.go_stride + g.kh * g.kw;
+  w.channel_block = 32;
+  while (w.channel_block > 1 && (w.channel_block * per_channel * acc_size > kMaxSmem ||
+                                 w.channel_block / 2 >= g.OC))
+    w.channel_block /= 2;
+  w.smem_bytes = w.channel_block * per_channel * acc_size;
+  w.fits = w.smem_bytes <= kMaxSmem;
+  w.channel_blocks = (g.OC + w.channel_block - 1) / w.channel_block;
+  w.tiles_w = (g.Wo + kWgCols - 1) / kWgCols;
+  w.tiles_h = (g.Ho + kWgRows - 1) / kWgRows;
+  w.tiles = g.N * w.tiles_h * w.tiles_w;
+  const int64_t wanted = (kTargetBlocks + w.channel_blocks - 1) / w.channel_blocks;
+  w.groups = std::max<int64_t>(1, std::min({w.tiles, wanted, kMaxWgGroups}));
+  return w;
+}
+
+// Block b: channel block b % channel_blocks, tile group b / channel_blocks, which takes tiles
+// group, group + groups, ... Shared: per channel the input tile (x_stride), the grad_output
+// tile (go_stride) and the running sums of its taps.
+template <typename scalar_t, typename index_t>
+__global__ void __launch_bounds__(kThreads)
+depthwise_weight_grad_tiled(const scalar_t* __restrict__ grad_out,
+                            const scalar_t* __restrict__ input,
+                            at::opmath_type<scalar_t>* __restrict__ partials, Params<index_t> p,
+                            int channel_block, int64_t channel_blocks, int64_t tiles_w,
+                            int64_t tiles_h, int64_t groups, int in_h, int in_w, int x_stride,
+                            int go_stride) {
+  using acc_t = at::opmath_type<scalar_t>;
+  CONVOPS_DYNAMIC_SHARED(acc_t, smem);
+  const int CB = channel_block, taps = p.kh * p.kw;
+  acc_t* s_x = smem;
+  acc_t* s_go = s_x + CB * x_stride;
+  acc_t* s_sum = s_go + CB * go_stride;
+  const int tid = threadIdx.x;
+  const int64_t tiles = tiles_w * tiles_h * p.N;
+  const int in_area = in_h * in_w, go_area = kWgRows * kWgCols;
+  const int runs = (static_cast<int>(p.kw) + kWgTaps - 1) / kWgTaps;
+  const bool unit_step = p.sw == 1 && p.dw == 1;
+  for (int64_t b = blockIdx.x; b < channel_blocks * groups; b += gridDim.x) {
+    const index_t oc0 = static_cast<index_t>(b % channel_blocks) * CB;
+    const int64_t group = b / channel_blocks;
+    for (int i = tid; i < CB * taps; i += kThreads) s_sum[i] = 0;
+    for (int64_t t = group; t < tiles; t += groups) {
+      const index_t tx = static_cast<index_t>(t % tiles_w);
+      const index_t ty = static_cast<index_t>(t / tiles_w % tiles_h);
+      const index_t n = static_cast<index_t>(t / (tiles_w * tiles_h));
+      const index_t oy0 = ty * kWgRows, ox0 = tx * kWgCols;
+      const index_t iy0 = oy0 * p.sh - p.ph, ix0 = ox0 * p.sw - p.pw;
+      // Stage: consecutive threads read consecutive addresses (channels in NHWC, pixels in
+      // NCHW). Outside the image / map the staged value is 0.
+      for (int i = tid; i < CB * in_area; i += kThreads) {
+        const int ch = p.channels_last ? i % CB : i / in_area;
+        const int j = p.channels_last ? i / CB : i % in_area;
+        const index_t oc = oc0 + ch, iy = iy0 + j / in_w, ix = ix0 + j % in_w;
+        acc_t v = 0;
+        if (oc < p.OC && iy >= 0 && iy < p.H && ix >= 0 && ix < p.W) {
+          const index_t c = oc / p.M;
+          v = static_cast<acc_t>(p.channels_last ? input[((n * p.H + iy) * p.W + ix) * p.C + c]
+                                                 : input[((n * p.C + c) * p.H + iy) * p.W + ix]);
+        }
+        s_x[ch * x_stride + j] = v;
+      }
+      for (int i = tid; i < CB * go_area; i += kThreads) {
+        const int ch = p.channels_last ? i % CB : i / go_area;
+        const int j = p.channels_last ? i / CB : i % go_area;
+        const index_t oc = oc0 + ch, oy = oy0 + j / kWgCols, ox = ox0 + j % kWgCols;
+        acc_t v = 0;
+        if (oc < p.OC && oy < p.Ho && ox < p.Wo)
+          v = static_cast<acc_t>(p.channels_last
+                                     ? grad_out[((n * p.Ho + oy) * p.Wo + ox) * p.OC + oc]
+                                     : grad_out[((n * p.OC + oc) * p.Ho + oy) * p.Wo + ox]);
+        s_go[ch * go_stride + j] = v;
+      }
+      __syncthreads();
+      // A thread owns (channel, filter row, run of kWgTaps taps): a sliding window along the
+      // row keeps the run's inputs in registers (stride 1, dilation 1: 2 shared loads per
+      // kWgTaps multiply-adds). Each tap's sum has one owner: no races, a fixed order.
+      for (int item = tid; item < CB * p.kh * runs; item += kThreads) {
+        const int ch = item % CB, run = item / CB % runs, ky = item / (CB * runs);
+        const int kx0 = run * kWgTaps, ntaps = static_cast<int>(p.kw) - kx0;  // >= kWgTaps: all
+        const acc_t* x = s_x + ch * x_stride;
+        const acc_t* go = s_go + ch * go_stride;
+        // Slots past ntaps read a clamped, staged address: their sums are discarded.
+        const auto x_at = [&](int offset) { return x[offset < in_area ? offset : in_area - 1]; };
+        acc_t acc[kWgTaps];
+#pragma unroll
+        for (int j = 0; j < kWgTaps; ++j) acc[j] = 0;
+        for (int r = 0; r < kWgRows; ++r) {
+          const int base = (r * p.sh + ky * p.dh) * in_w + kx0 * p.dw;
+          acc_t window[kWgTaps];
+#pragma unroll
+          for (int j = 0; j < kWgTaps; ++j) window[j] = x_at(base + j * p.dw);
+          for (int col = 0; col < kWgCols; ++col) {
+            if (col > 0) {
+              if (unit_step) {
+#pragma unroll
+                for (int j = 0; j + 1 < kWgTaps; ++j) window[j] = window[j + 1];
+                window[kWgTaps - 1] = x_at(base + col + kWgTaps - 1);
+              } else {
+#pragma unroll
+                for (int j = 0; j < kWgTaps; ++j)
+                  window[j] = x_at(base + col * p.sw + j * p.dw);
+              }
+            }
+            const acc_t g = go[r * kWgCols + col];
+#pragma unroll
+            for (int j = 0; j < kWgTaps; ++j) acc[j] += g * window[j];
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < kWgTaps; ++j)
+          if (j < ntaps) s_sum[(ky * p.kw + kx0 + j) * CB + ch] += acc[j];
+      }
+      __syncthreads();  // the next tile overwrites the staged tiles
+    }
+    for (int pair = tid; pair < CB * taps; pair += kThreads) {
+      const index_t oc = oc0 + pair % CB;
+      if (oc < p.OC) partials[(group * p.OC + oc) * taps + pair / CB] = s_sum[pair];
+    }
+    __syncthreads();  // the next block's zeroing of s_sum must not overtake these reads
+  }
+}
+
+// grad_weight[i] = sum over groups of partials[g][i], in group order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+depthwise_weight_grad_reduce(const at::opmath_type<scalar_t>* __restrict__ partials,
+                             scalar_t* __restrict__ grad_w, int64_t count, int64_t groups) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    acc_t acc = 0;
+    for (int64_t g = 0; g < groups; ++g) acc += partials[g * count + i];
+    grad_w[i] = static_cast<scalar_t>(acc);
+  }
+}
+
+// ---- launchers -----------------------------------------------------------------------------
+
+int64_t grid_for(int64_t blocks) { return std::min(blocks, max_grid()); }
+
+bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
+}
+
+// The NHWC pack kernel applies: multiplier 1, whole packs of channels, 16-byte aligned rows
+// (bias is read per element and needs no alignment).
+bool nhwc_vec_applies(const DepthwiseGeometry& g, int64_t elem_size,
+                      std::initializer_list<const at::Tensor*> tensors) {
+  if (plain_kernels_forced() || g.multiplier != 1 || (g.C * elem_size) % 16 != 0) return false;
+  for (const at::Tensor* t : tensors)
+    if (!aligned16(*t)) return false;
+  return true;
+}
+
+// The forward of geometry g (also the flipped input gradient). weight is (OC, 1, kh, kw).
+// Returns false when no tuned kernel applies (the caller runs its plain kernel).
+template <typename scalar_t, typename index_t>
+bool launch_tuned_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                          at::Tensor& out, const DepthwiseGeometry& g, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (plain_kernels_forced()) return false;
+  const auto p = make_params<index_t>(g, cl);
+  const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
+  if (cl) {
+    if (!nhwc_vec_applies(g, sizeof(scalar_t), {&x, &out})) return false;
+    const at::Tensor w_hwc = w.permute({2, 3, 0, 1}).contiguous();  // (kh, kw, C, 1): aligned
+    const int64_t strips = (g.Wo + kStrip - 1) / kStrip;
+    const int64_t total = g.N * g.Ho * strips * (g.C / Pack16<scalar_t>::kLanes);
+    launch_kernel("depthwise_forward_nhwc_vec", depthwise_forward_nhwc_vec<scalar_t, index_t>,
+                  {Dim3(grid_for(blocks_for(total, kThreads))), Dim3(kThreads), 0, kThreads},
+                  x.const_data_ptr<scalar_t>(), w_hwc.const_data_ptr<scalar_t>(), bp,
+                  out.mutable_data_ptr<scalar_t>(), p, strips, total);
+    return true;
+  }
+  const NchwTile t = plan_nchw_tile(g, sizeof(acc_t));
+  // The kernel splits a block index into tiles of a plane in int.
+  if (t.smem_bytes > kMaxTileSmem || t.tiles_w * t.tiles_h > INT32_MAX) return false;
+  launch_kernel("depthwise_forward_tiled_nchw", depthwise_forward_tiled_nchw<scalar_t, index_t>,
+                {Dim3(grid_for(t.blocks)), Dim3(t.tile_w, t.threads_y, t.planes), t.smem_bytes,
+                 kThreads},
+                x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
+                out.mutable_data_ptr<scalar_t>(), p, t.tiles_w, t.tiles_h, t.blocks,
+                static_cast<int>(t.smem_h), static_cast<int>(t.smem_w));
+  return true;
 }
 
 template <typename scalar_t, typename index_t>
 void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
                     at::Tensor& out, const DepthwiseGeometry& g, bool cl) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const auto p = make_params<index_t>(g, cl);
+  if (launch_tuned_forward<scalar_t, index_t>(x, w, b, out, g, cl)) return;
   const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
-  // In int64: a huge dilation must not wrap the tile size into something that looks small.
-  const int64_t smem_h = (kTileH - 1) * g.sh + (g.kh - 1) * g.dh + 1;
-  const int64_t smem_w = (kTileW - 1) * g.sw + (g.kw - 1) * g.dw + 1;
-  const int64_t smem = (smem_h * smem_w + g.kh * g.kw) * static_cast<int64_t>(sizeof(acc_t));
-  if (!cl && !plain_kernels_forced() && smem <= kMaxTiledSmem) {
-    const int64_t tiles_w = (g.Wo + kTileW - 1) / kTileW;
-    const int64_t tiles_h = (g.Ho + kTileH - 1) / kTileH;
-    launch_kernel("depthwise_forward_tiled_nchw", depthwise_forward_tiled_nchw<scalar_t, index_t>,
-                  {Dim3(g.N * g.OC * tiles_w * tiles_h), Dim3(kTileW, kThreadsY), smem,
-                   kTileW * kThreadsY},
-                  x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-                  out.mutable_data_ptr<scalar_t>(), p, static_cast<int>(tiles_w),
-                  static_cast<int>(tiles_h), static_cast<int>(smem_h), static_cast<int>(smem_w));
-    return;
-  }
   launch_kernel("depthwise_forward_plain", depthwise_forward_plain<scalar_t, index_t>,
                 {Dim3(blocks_for(out.numel(), kThreads)), Dim3(kThreads), 0, kThreads},
                 x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), bp,
-                out.mutable_data_ptr<scalar_t>(), p);
+                out.mutable_data_ptr<scalar_t>(), make_params<index_t>(g, cl));
 }
 
 // int32 arithmetic only when every tensor fits it, unless CONVOPS_CUDA_INDEX=int64.
@@ -299,22 +697,48 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
 }
 
 template <typename scalar_t, typename index_t>
-void launch_backward(const at::Tensor& go, const at::Tensor& x, const at::Tensor& w,
-                     at::Tensor& grad_input, at::Tensor& grad_weight, const DepthwiseGeometry& g,
-                     bool cl) {
-  const auto p = make_params<index_t>(g, cl);
-  if (grad_input.numel() > 0) {
-    launch_kernel("depthwise_input_grad", depthwise_input_grad<scalar_t, index_t>,
-                  {Dim3(blocks_for(grad_input.numel(), kThreads)), Dim3(kThreads), 0, kThreads},
-                  go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                  grad_input.mutable_data_ptr<scalar_t>(), p);
+void launch_input_grad(const at::Tensor& go, const at::Tensor& w, at::Tensor& grad_input,
+                       const DepthwiseGeometry& g, bool cl) {
+  if (g.sh == 1 && g.sw == 1 && g.multiplier == 1) {
+    const at::Tensor flipped = w.flip({2, 3}).contiguous();
+    if (launch_tuned_forward<scalar_t, index_t>(go, flipped, at::Tensor(), grad_input,
+                                                flipped_geometry(g), cl))
+      return;
   }
-  if (grad_weight.numel() > 0) {
+  launch_kernel("depthwise_input_grad", depthwise_input_grad<scalar_t, index_t>,
+                {Dim3(blocks_for(grad_input.numel(), kThreads)), Dim3(kThreads), 0, kThreads},
+                go.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                grad_input.mutable_data_ptr<scalar_t>(), make_params<index_t>(g, cl));
+}
+
+template <typename scalar_t, typename index_t>
+void launch_weight_grad(const at::Tensor& go, const at::Tensor& x, at::Tensor& grad_weight,
+                        const DepthwiseGeometry& g, bool cl) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto p = make_params<index_t>(g, cl);
+  const WeightGradPlan plan = plan_weight_grad(g, sizeof(acc_t));
+  if (plain_kernels_forced() || !plan.fits) {
     launch_kernel("depthwise_weight_grad", depthwise_weight_grad<scalar_t, index_t>,
-                  {Dim3(g.OC * g.kh * g.kw), Dim3(kThreads), 0, kThreads},
+                  {Dim3(grid_for(g.OC * g.kh * g.kw)), Dim3(kThreads), 0, kThreads},
                   go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                   grad_weight.mutable_data_ptr<scalar_t>(), p);
+    return;
   }
+  const int64_t count = g.OC * g.kh * g.kw;
+  at::Tensor partials = at::empty({plan.groups, count},
+                                  x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  launch_kernel("depthwise_weight_grad_tiled", depthwise_weight_grad_tiled<scalar_t, index_t>,
+                {Dim3(grid_for(plan.channel_blocks * plan.groups)), Dim3(kThreads),
+                 plan.smem_bytes, kThreads},
+                go.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                partials.mutable_data_ptr<acc_t>(), p, static_cast<int>(plan.channel_block),
+                plan.channel_blocks, plan.tiles_w, plan.tiles_h, plan.groups,
+                static_cast<int>(plan.in_h), static_cast<int>(plan.in_w),
+                static_cast<int>(plan.x_stride), static_cast<int>(plan.go_stride));
+  launch_kernel("depthwise_weight_grad_reduce", depthwise_weight_grad_reduce<scalar_t>,
+                {Dim3(grid_for(blocks_for(count, kThreads))), Dim3(kThreads), 0, kThreads},
+                partials.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+                count, plan.groups);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
@@ -333,10 +757,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
   if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_backward_cuda", [&] {
-    if (use_int32({&x, &go, &w})) {
-      launch_backward<scalar_t, int32_t>(go, x, w, grads.input, grads.weight, g, cl);
-    } else {
-      launch_backward<scalar_t, int64_t>(go, x, w, grads.input, grads.weight, g, cl);
+    const bool i32 = use_int32({&x, &go, &w});
+    if (grads.input.numel() > 0) {
+      if (i32) launch_input_grad<scalar_t, int32_t>(go, w, grads.input, g, cl);
+      else launch_input_grad<scalar_t, int64_t>(go, w, grads.input, g, cl);
+    }
+    if (grads.weight.numel() > 0) {
+      if (i32) launch_weight_grad<scalar_t, int32_t>(go, x, grads.weight, g, cl);
+      else launch_weight_grad<scalar_t, int64_t>(go, x, grads.weight, g, cl);
     }
   });
   return {grads.input, grads.weight, grads.bias};
