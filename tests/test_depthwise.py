@@ -184,6 +184,27 @@ def test_tuned_kernels_gpu(case, kernels, setting, gpu, monkeypatch):
         assert ran == kernels, f"ran {sorted(ran)}, expected {sorted(kernels)}"
 
 
+def test_misaligned_1x1_weight_takes_the_plain_kernel(gpu):
+    # A 1x1 filter's (kh, kw, C) copy is the weight itself; a slice 4 bytes in is misaligned.
+    x = torch.randn(2, 8, 9, 10).to(memory_format=torch.channels_last)
+    w = torch.randn(9, 1, 1, 1)[1:]
+    before = _launches() if gpu.emulated else {}
+    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), None, 1, 0)
+    assert_close(out, F.conv2d(x.double(), w.double(), None, 1, 0, 1, 8), torch.float32, "1x1")
+    if gpu.emulated:
+        after = _launches()
+        assert after.get(FWD_NHWC, 0) == before.get(FWD_NHWC, 0)
+
+
+def test_huge_stride_and_padding_stay_exact(gpu):
+    # Strides and padding past int32 with tiny tensors: the int32 index path must not be taken.
+    x, w = torch.randn(1, 2, 1, 1), torch.randn(2, 1, 1, 1)
+    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), None, (2 ** 33, 1),
+                                   (2 ** 32, 0))
+    assert out.shape == (1, 2, 2, 1)
+    assert (out.cpu() == 0).all(), out
+
+
 def test_misaligned_channels_last_input_takes_the_plain_kernel(gpu):
     # A view starting 2 bytes into its storage cannot use 16-byte loads.
     storage = torch.randn(2 * 20 * 9 * 16 + 1, dtype=torch.float16)

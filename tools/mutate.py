@@ -22,7 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DW_CU = "csrc/cuda/depthwise_conv2d.cu"
-DW_TESTS = ["tests/test_depthwise.py", "-k", "tuned_kernels or misaligned or large_kernels_gpu"]
+DW_TESTS = ["tests/test_depthwise.py", "-k",
+            "tuned_kernels or misaligned or large_kernels_gpu or huge_stride"]
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,11 @@ MUTANTS = [
     Mutant("nchw-missing-barrier-before-next-tile", DW_CU,
            "    __syncthreads();  // the next tile overwrites the shared tile\n", ""),
     Mutant("nchw-plane-ignores-multiplier", DW_CU,
-           "input[((n * p.C + oc / p.M) * p.H + iy) * p.W + ix]",
-           "input[((n * p.C + oc % p.C) * p.H + iy) * p.W + ix]"),
+           "plane_info[2 * tid] = (n * p.C + oc / p.M) * p.H * p.W;",
+           "plane_info[2 * tid] = (n * p.C + oc % p.C) * p.H * p.W;"),
     Mutant("nchw-bias-of-wrong-channel", DW_CU,
-           "const index_t oc = plane % p.OC;\n      const acc_t bv",
-           "const index_t oc = plane % p.OC / p.M;\n      const acc_t bv"),
+           "const index_t oc = plane_info[2 * threadIdx.z + 1];",
+           "const index_t oc = plane_info[2 * threadIdx.z + 1] / p.M;"),
     Mutant("nchw-last-row-of-strip-dropped", DW_CU,
            "if (oy < p.Ho) out[oy * p.Wo]", "if (oy + 1 < p.Ho) out[oy * p.Wo]"),
     # --- CUDA depthwise, input gradient -------------------------------------------------------
@@ -97,6 +98,10 @@ MUTANTS = [
     Mutant("grid-loop-missing", DW_CU,
            "for (int64_t b = blockIdx.x; b < blocks; b += gridDim.x) {",
            "for (int64_t b = blockIdx.x; b < blocks; b += blocks) {"),
+    Mutant("int32-ignores-geometry", DW_CU,
+           "geometry_fits && fits_int32(tensors)", "fits_int32(tensors)"),
+    Mutant("nhwc-weight-alignment-unchecked", DW_CU,
+           "{&x, &w_hwc, &out})) return false;", "{&x, &out})) return false;"),
     Mutant("nchw-tile-plan-too-short", DW_CU,
            "t.tiles_h = (g.Ho + t.tile_h - 1) / t.tile_h;", "t.tiles_h = g.Ho / t.tile_h + (g.Ho < t.tile_h);"),
 ]

@@ -36,9 +36,9 @@
 // Geometry: every tile size, shared-memory size and grid dimension is computed in int64 and
 // checked before launch; the tuned kernels' 1-D grids are capped at the device limit and the
 // kernels loop over their blocks (CONVOPS_CUDA_MAX_GRID lowers the cap so tests run those
-// loops); the plain elementwise kernels launch one thread per element, up to the limit. int32 indexing is
-// used when every tensor, the weight included, has fewer than INT32_MAX elements;
-// CONVOPS_CUDA_INDEX=int64 forces int64. Written in the device dialect (cuda/dialect.h): the
+// loops); the plain elementwise kernels launch one thread per element, up to the limit. int32
+// indexing is used when every tensor, the weight included, has fewer than INT32_MAX elements
+// and strides, padding and tap reach fit too; CONVOPS_CUDA_INDEX=int64 forces int64. Written in the device dialect (cuda/dialect.h): the
 // emulator runs this same file.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
@@ -639,8 +639,9 @@ bool launch_tuned_forward(const at::Tensor& x, const at::Tensor& w, const at::Te
   const auto p = make_params<index_t>(g, cl);
   const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
   if (cl) {
-    if (!nhwc_vec_applies(g, sizeof(scalar_t), {&x, &out})) return false;
-    const at::Tensor w_hwc = w.permute({2, 3, 0, 1}).contiguous();  // (kh, kw, C, 1): aligned
+    // (kh, kw, C, 1); for a 1x1 filter this may alias the caller's weight (checked too).
+    const at::Tensor w_hwc = w.permute({2, 3, 0, 1}).contiguous();
+    if (!nhwc_vec_applies(g, sizeof(scalar_t), {&x, &w_hwc, &out})) return false;
     const int64_t strips = (g.Wo + kStrip - 1) / kStrip;
     const int64_t total = g.N * g.Ho * strips * (g.C / Pack16<scalar_t>::kLanes);
     launch_kernel("depthwise_forward_nhwc_vec", depthwise_forward_nhwc_vec<scalar_t, index_t>,
@@ -672,9 +673,14 @@ void launch_forward(const at::Tensor& x, const at::Tensor& w, const at::Tensor& 
                 out.mutable_data_ptr<scalar_t>(), make_params<index_t>(g, cl));
 }
 
-// int32 arithmetic only when every tensor fits it, unless CONVOPS_CUDA_INDEX=int64.
-bool use_int32(std::initializer_list<const at::Tensor*> tensors) {
-  return !env_is("CONVOPS_CUDA_INDEX", "int64") && fits_int32(tensors);
+// int32 arithmetic only when every tensor fits it and so do the geometry's parameters and the
+// farthest input position a tap reaches, unless CONVOPS_CUDA_INDEX=int64.
+bool use_int32(const DepthwiseGeometry& g, std::initializer_list<const at::Tensor*> tensors) {
+  const int64_t limit = INT32_MAX / 2;  // room for the sums the kernels form
+  const bool geometry_fits =
+      (g.Ho - 1) * g.sh + (g.kh - 1) * g.dh <= limit &&
+      (g.Wo - 1) * g.sw + (g.kw - 1) * g.dw <= limit && g.sh <= limit && g.sw <= limit && g.ph <= limit && g.pw <= limit;
+  return !env_is("CONVOPS_CUDA_INDEX", "int64") && geometry_fits && fits_int32(tensors);
 }
 
 at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
@@ -690,7 +696,7 @@ at::Tensor depthwise_conv2d_cuda(const at::Tensor& input, const at::Tensor& weig
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cuda", [&] {
-    if (use_int32({&x, &w, &out})) launch_forward<scalar_t, int32_t>(x, w, b, out, g, cl);
+    if (use_int32(g, {&x, &w, &out})) launch_forward<scalar_t, int32_t>(x, w, b, out, g, cl);
     else launch_forward<scalar_t, int64_t>(x, w, b, out, g, cl);
   });
   return out;
@@ -757,7 +763,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cuda(
   if (g.N == 0) return {grads.input, grads.weight, grads.bias};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_backward_cuda", [&] {
-    const bool i32 = use_int32({&x, &go, &w});
+    const bool i32 = use_int32(g, {&x, &go, &w});
     if (grads.input.numel() > 0) {
       if (i32) launch_input_grad<scalar_t, int32_t>(go, w, grads.input, g, cl);
       else launch_input_grad<scalar_t, int64_t>(go, w, grads.input, g, cl);
