@@ -150,6 +150,7 @@ TUNED_PATH_CASES = [
     (_case(16, 3, (30, 70), F32, False, stride=(2, 1), padding=1), {FWD_NCHW, IGRAD_GATHER,
                                                                      *WGRAD_TILED}),
     (_case(5, 31, (40, 45), F32, False), {FWD_NCHW, *WGRAD_TILED}),
+    (_case(3, 3, (150, 40), F32, False), {FWD_NCHW, *WGRAD_TILED}),  # 3 rows of 64-row tiles
     (_case(3, 31, (20, 23), BF16, True, dilation=(1, 2)), {FWD_PLAIN, IGRAD_GATHER,
                                                            *WGRAD_TILED}),
     (_case(2, 9, (120, 100), F32, False, stride=3, dilation=9, padding=0),
