@@ -139,8 +139,10 @@ def main(argv=None):
     tree = Path(args.tree)
     if not tree.exists():
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    for m in MUTANTS:  # the scratch tree gets today's sources
+    for m in MUTANTS:  # the scratch tree gets today's sources and tests
         shutil.copy(ROOT / m.path, tree / m.path)
+    shutil.copytree(ROOT / "tests", tree / "tests", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
     log = tree / "mutate.log"
     assert _build(tree, log) == 0, f"the unmutated tree does not build: {log}"
     results = []
