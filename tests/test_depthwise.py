@@ -187,11 +187,14 @@ def test_tuned_kernels_gpu(case, kernels, setting, gpu, monkeypatch):
 
 def test_misaligned_1x1_weight_takes_the_plain_kernel(gpu):
     # A 1x1 filter's (kh, kw, C) copy is the weight itself; a slice 4 bytes in is misaligned.
+    # The slice is taken on the device, so the real GPU sees the misaligned pointer too.
     x = torch.randn(2, 8, 9, 10).to(memory_format=torch.channels_last)
-    w = torch.randn(9, 1, 1, 1)[1:]
+    w = torch.randn(9, 1, 1, 1, device=gpu.device)[1:]
+    assert w.data_ptr() % 16 != 0
     before = _launches() if gpu.emulated else {}
-    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), None, 1, 0)
-    assert_close(out, F.conv2d(x.double(), w.double(), None, 1, 0, 1, 8), torch.float32, "1x1")
+    out = convops.depthwise_conv2d(x.to(gpu.device), w, None, 1, 0)
+    expected = F.conv2d(x.double(), w.double().cpu(), None, 1, 0, 1, 8)
+    assert_close(out, expected, torch.float32, "1x1")
     if gpu.emulated:
         after = _launches()
         assert after.get(FWD_NHWC, 0) == before.get(FWD_NHWC, 0)
@@ -208,13 +211,13 @@ def test_huge_stride_and_padding_stay_exact(gpu):
 
 def test_misaligned_channels_last_input_takes_the_plain_kernel(gpu):
     # A view starting 2 bytes into its storage cannot use 16-byte loads.
-    storage = torch.randn(2 * 20 * 9 * 16 + 1, dtype=torch.float16)
+    storage = torch.randn(2 * 20 * 9 * 16 + 1, dtype=torch.float16, device=gpu.device)
     x = storage[1:].view(2, 9, 20, 16).permute(0, 3, 1, 2)  # channels_last, misaligned
-    w = torch.randn(16, 1, 3, 3, dtype=torch.float16)
-    assert x.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(16, 1, 3, 3, dtype=torch.float16, device=gpu.device)
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.data_ptr() % 16 != 0
     before = _launches() if gpu.emulated else {}
-    out = convops.depthwise_conv2d(x.to(gpu.device), w.to(gpu.device), None, 1, 1)
-    expected = F.conv2d(x.double(), w.double(), None, 1, 1, 1, 16)
+    out = convops.depthwise_conv2d(x, w, None, 1, 1)
+    expected = F.conv2d(x.double().cpu(), w.double().cpu(), None, 1, 1, 1, 16)
     assert_close(out, expected, torch.float16, "misaligned input")
     if gpu.emulated:
         after = _launches()

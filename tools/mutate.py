@@ -71,7 +71,8 @@ MUTANTS = [
            "if (oy < p.Ho) out[oy * p.Wo]", "if (oy + 1 < p.Ho) out[oy * p.Wo]"),
     # --- CUDA depthwise, input gradient -------------------------------------------------------
     Mutant("igrad-flip-padding-off-by-one", DW_CU,
-           "f.ph = (g.kh - 1) * g.dh - g.ph;", "f.ph = (g.kh - 1) * g.dh - g.ph + 1;"),
+           "f.ph = flipped_tap_padding(g.kh, g.dh, g.ph);",
+           "f.ph = flipped_tap_padding(g.kh, g.dh, g.ph) + 1;"),
     Mutant("igrad-unflipped-filter", DW_CU,
            "const at::Tensor flipped = w.flip({2, 3}).contiguous();",
            "const at::Tensor flipped = w.flip({2}).contiguous();"),

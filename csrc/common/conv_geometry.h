@@ -18,6 +18,13 @@ HOST_DEVICE_INLINE int64_t conv_output_size(int64_t in_size, int64_t pad_begin, 
   return room < 0 ? 0 : room / stride + 1;
 }
 
+// The stride-1 input gradient is a forward convolution of grad_output with the taps flipped and
+// this padding before the first position (negative when pad_begin exceeds the tap reach).
+HOST_DEVICE_INLINE int64_t flipped_tap_padding(int64_t kernel, int64_t dilation,
+                                               int64_t pad_begin) {
+  return (kernel - 1) * dilation - pad_begin;
+}
+
 template <typename index_t>
 HOST_DEVICE_INLINE index_t conv_input_pos(index_t out_pos, index_t tap, index_t stride,
                                           index_t pad_begin, index_t dilation) {

@@ -119,7 +119,8 @@ void input_grad_nchw_stride1(const scalar_t* grad_out, const scalar_t* w, scalar
   const int64_t rows = round_up(g.H, kRows), cols = round_up(g.W, Vec<acc_t>::width);
   const PlaneLayout L = plane_layout(rows, cols, g.kh, g.kw, 1, 1, g.dh, g.dw);
   const std::vector<acc_t> flipped = filters_as<acc_t>(w, g, true);
-  const int64_t top = (g.kh - 1) * g.dh - g.ph, left = (g.kw - 1) * g.dw - g.pw;
+  const int64_t top = flipped_tap_padding(g.kh, g.dh, g.ph);
+  const int64_t left = flipped_tap_padding(g.kw, g.dw, g.pw);
   at::parallel_for(0, g.N * g.C, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> plane(L.size()), acc(rows * cols);
     for (int64_t p = begin; p < end; ++p) {

@@ -30,7 +30,8 @@ DirectProblem forward_problem(const DeformGeometry& g) {
 // group's weight transposed, padding (k - 1) * d - p.
 DirectProblem input_grad_problem(const DeformGeometry& g) {
   return {g.groups, g.out_channels_per_group(), g.channels_per_group(), g.kh, g.kw, 1, 1,
-          g.dh, g.dw, (g.kh - 1) * g.dh - g.ph, (g.kw - 1) * g.dw - g.pw, g.Ho, g.Wo, g.H, g.W};
+          g.dh, g.dw, flipped_tap_padding(g.kh, g.dh, g.ph), flipped_tap_padding(g.kw, g.dw, g.pw),
+          g.Ho, g.Wo, g.H, g.W};
 }
 
 const DirectIsa* direct_path_for(const at::Tensor& input) {

@@ -111,8 +111,8 @@ Params<index_t> make_params(const DepthwiseGeometry& g, bool channels_last) {
 DepthwiseGeometry flipped_geometry(const DepthwiseGeometry& g) {
   DepthwiseGeometry f = g;
   f.H = g.Ho; f.W = g.Wo; f.Ho = g.H; f.Wo = g.W;
-  f.ph = (g.kh - 1) * g.dh - g.ph;
-  f.pw = (g.kw - 1) * g.dw - g.pw;
+  f.ph = flipped_tap_padding(g.kh, g.dh, g.ph);
+  f.pw = flipped_tap_padding(g.kw, g.dw, g.pw);
   return f;
 }
 
