@@ -223,3 +223,49 @@ def test_every_cuda_kernel_runs_in_the_emulator(monkeypatch):
     after = emulator.launch_counts()
     ran = {k for k, v in after.items() if v > before.get(k, 0)}
     assert defined <= ran, f"never launched: {sorted(defined - ran)}"
+
+
+# --- tensor-core fragments ------------------------------------------------------------------------
+
+def _mma_operands(dtype):
+    g = torch.Generator().manual_seed(512)
+    a, b = torch.randn(16, 16, generator=g), torch.randn(16, 16, generator=g)
+    return a, b, torch.cat([a.flatten(), b.flatten()])
+
+
+@pytest.mark.parametrize("kernel,dtype", [("mma_half", torch.float16),
+                                          ("mma_bfloat16", torch.bfloat16),
+                                          ("mma_tf32", None)])
+def test_mma_multiplies_in_the_operand_precision(kernel, dtype, order):
+    a, b, x = _mma_operands(dtype)
+    if dtype is None:  # TF32: 10 mantissa bits, to nearest, ties away from zero
+        bits = a.view(torch.int32), b.view(torch.int32)
+        a, b = [((v + 0x1000) & ~0x1FFF).view(torch.float32) for v in bits]
+    else:
+        a, b = a.to(dtype).float(), b.to(dtype).float()
+    expected = (a.double() @ b.double()).float()
+    out = emulator.selftest(kernel, x)[:256].view(16, 16)
+    # products are exact, sums in fp32: a few fp32 ulps of the largest partial sum
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5 * (a.abs() @ b.abs()).max().item())
+    if dtype is not None:  # and the operands were rounded: fp32 inputs would differ
+        assert (out - (_mma_operands(dtype)[0] @ _mma_operands(dtype)[1])).abs().max() > 1e-4
+
+
+def test_mma_needs_the_whole_warp():
+    with pytest.raises(RuntimeError, match=r"mma_product.*tensor-core fragment operation.*names lane 16"):
+        emulator.selftest("mma_half_warp", _values(512))
+
+
+def test_mma_pointer_must_be_32_byte_aligned():
+    with pytest.raises(RuntimeError, match=r"mma_product.*not 32-byte aligned"):
+        emulator.selftest("mma_misaligned", _values(512))
+
+
+def test_mma_fragment_layout_is_not_row_major_by_lane():
+    # A kernel that reads its result out of the fragments as if lane l held entries 8l..8l+7
+    # gets a permutation of the right values, not the right matrix.
+    a, b, x = _mma_operands(torch.float16)
+    expected = (a.half().float() @ b.half().float()).flatten()
+    out = emulator.selftest("mma_lane_mapping", x)[:256]
+    assert not torch.allclose(out, expected, atol=1e-3)
+    torch.testing.assert_close(out.sort().values, expected.sort().values, rtol=0, atol=1e-3)

@@ -11,6 +11,9 @@
 //   CONVOPS_SHARED_ARRAY(type, name, count)   static shared memory
 //   CONVOPS_DYNAMIC_SHARED(type, name)        the launch's dynamic shared memory
 //   atomic_add(ptr, value)
+//   MmaFragA/B/Acc<scalar_t>, mma_zero, mma_load_a, mma_load_b, mma_run, mma_store:
+//   tensor-core tiles (nvcuda::wmma on sm_80+; modelled by the emulator), see the end of
+//   this file
 // Launchers use launch_kernel(), allow_dynamic_shared(), DeviceGuard and
 // CONVOPS_CUDA_LIBRARY_IMPL. Raw <<<>>> launches, __shared__ and inline PTX are not allowed:
 // the emulator could not run them.
@@ -27,6 +30,9 @@
 #else
 #include <ATen/cuda/Atomic.cuh>
 #include <c10/cuda/CUDAException.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -161,4 +167,264 @@ __device__ __forceinline__ void atomic_add(T* address, T value) {
 #define CONVOPS_DYNAMIC_SHARED(type, name)                   \
   extern __shared__ __align__(16) unsigned char name##_raw[]; \
   type* const name = reinterpret_cast<type*>(name##_raw)
+#endif
+
+// --- Tensor-core tiles --------------------------------------------------------------------------
+// One warp computes D (16 x 16, fp32) = A (16 x kK) * B (kK x 16) + C. A is read row-major
+// (element (r, k) at p[r * ldm + k]) and B column-major (element (k, n) at p[n * ldm + k]) from
+// shared memory; pointers must be 32-byte aligned and ldm a multiple of 16 bytes. scalar_t is
+// c10::Half or c10::BFloat16 (kK = 16), or float, computed as TF32 (kK = 8). Which elements a
+// lane holds is unspecified: kernels only load, multiply, store and zero whole fragments.
+// All of it needs sm_80 (bf16, tf32): CONVOPS_TENSOR_CORES says whether this compilation pass
+// has them; the host picks these kernels only on such devices.
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace convops {
+namespace cuda {
+
+template <typename scalar_t>
+struct MmaK;
+template <>
+struct MmaK<c10::Half> { static constexpr int value = 16; };
+template <>
+struct MmaK<c10::BFloat16> { static constexpr int value = 16; };
+template <>
+struct MmaK<float> { static constexpr int value = 8; };
+
+}  // namespace cuda
+}  // namespace convops
+
+#ifdef CONVOPS_EMULATE_CUDA
+#define CONVOPS_TENSOR_CORES 1
+#include <cmath>
+#include <stdexcept>
+
+namespace convops {
+namespace cuda {
+
+// A lane's share of a kRows x kCols tile: element e of lane l is tile entry
+// (e * 32 + l) * 37 + 11 mod (kRows * kCols), row-major - a deliberately odd mapping.
+template <int kRows, int kCols>
+struct EmuFragment {
+  static constexpr int num_elements = kRows * kCols / 32;
+  float x[num_elements];
+  static int entry(int e, int lane) { return ((e * 32 + lane) * 37 + 11) % (kRows * kCols); }
+};
+template <typename scalar_t>
+using MmaFragA = EmuFragment<16, MmaK<scalar_t>::value>;
+template <typename scalar_t>
+using MmaFragB = EmuFragment<MmaK<scalar_t>::value, 16>;
+template <typename scalar_t>
+using MmaFragAcc = EmuFragment<16, 16>;
+
+namespace emu_mma {
+
+// fp32 to TF32 as cvt.rna.tf32.f32 does: 10 mantissa bits, to nearest, ties away from zero.
+inline float to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  bits = (bits + 0x1000u) & ~0x1fffu;
+  std::memcpy(&v, &bits, 4);
+  return v;
+}
+template <typename T>
+float operand(T v) { return static_cast<float>(v); }
+inline float operand(float v) { return to_tf32(v); }
+
+struct TileArg {
+  float* frag;
+  const void* ptr;
+  void* out;
+  int ldm;
+};
+
+inline void check_same_tile(void* const* lanes, size_t elem_bytes) {
+  const TileArg* first = static_cast<const TileArg*>(lanes[0]);
+  for (int l = 1; l < 32; ++l) {
+    const TileArg* a = static_cast<const TileArg*>(lanes[l]);
+    if (a->ptr != first->ptr || a->out != first->out || a->ldm != first->ldm)
+      throw std::runtime_error("lanes of one warp pass different pointers or leading dimensions");
+  }
+  const void* p = first->ptr != nullptr ? first->ptr : first->out;
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0)
+    throw std::runtime_error("tile pointer is not 32-byte aligned");
+  if ((static_cast<size_t>(first->ldm) * elem_bytes) % 16 != 0)
+    throw std::runtime_error("leading dimension " + std::to_string(first->ldm) +
+                             " is not a multiple of 16 bytes");
+}
+
+// kColMajor: entry (i, j) of the kRows x kCols tile is at p[j * ldm + i], else p[i * ldm + j].
+template <typename Frag, typename T, int kRows, int kCols, bool kColMajor>
+void load_tile(void* const* lanes) {
+  check_same_tile(lanes, sizeof(T));
+  for (int l = 0; l < 32; ++l) {
+    const TileArg* a = static_cast<const TileArg*>(lanes[l]);
+    const T* p = static_cast<const T*>(a->ptr);
+    for (int e = 0; e < Frag::num_elements; ++e) {
+      const int t = Frag::entry(e, l), i = t / kCols, j = t % kCols;
+      a->frag[e] = operand(p[kColMajor ? j * a->ldm + i : i * a->ldm + j]);
+    }
+  }
+}
+
+inline void store_tile(void* const* lanes) {
+  check_same_tile(lanes, sizeof(float));
+  using Frag = EmuFragment<16, 16>;
+  for (int l = 0; l < 32; ++l) {
+    const TileArg* a = static_cast<const TileArg*>(lanes[l]);
+    float* p = static_cast<float*>(a->out);
+    for (int e = 0; e < Frag::num_elements; ++e) {
+      const int t = Frag::entry(e, l);
+      p[(t / 16) * a->ldm + t % 16] = a->frag[e];
+    }
+  }
+}
+
+struct MmaArg {
+  float *d;
+  const float *a, *b, *c;
+};
+
+template <int kK>
+void multiply(void* const* lanes) {
+  using FA = EmuFragment<16, kK>;
+  using FB = EmuFragment<kK, 16>;
+  using FC = EmuFragment<16, 16>;
+  float A[16][kK], B[kK][16], C[16][16];
+  for (int l = 0; l < 32; ++l) {  // gather every lane's share before any lane's D is written
+    const MmaArg* m = static_cast<const MmaArg*>(lanes[l]);
+    for (int e = 0; e < FA::num_elements; ++e) {
+      const int t = FA::entry(e, l);
+      A[t / kK][t % kK] = m->a[e];
+    }
+    for (int e = 0; e < FB::num_elements; ++e) {
+      const int t = FB::entry(e, l);
+      B[t / 16][t % 16] = m->b[e];
+    }
+    for (int e = 0; e < FC::num_elements; ++e) {
+      const int t = FC::entry(e, l);
+      C[t / 16][t % 16] = m->c[e];
+    }
+  }
+  for (int l = 0; l < 32; ++l) {
+    const MmaArg* m = static_cast<const MmaArg*>(lanes[l]);
+    for (int e = 0; e < FC::num_elements; ++e) {
+      const int t = FC::entry(e, l), i = t / 16, j = t % 16;
+      float acc = C[i][j];
+      for (int k = 0; k < kK; ++k) acc += A[i][k] * B[k][j];  // exact products, fp32 sums
+      m->d[e] = acc;
+    }
+  }
+}
+
+}  // namespace emu_mma
+
+template <typename scalar_t>
+inline void mma_zero(MmaFragAcc<scalar_t>& f) {
+  for (float& v : f.x) v = 0.f;
+}
+template <typename scalar_t>
+void mma_load_a(MmaFragA<scalar_t>& f, const scalar_t* p, int ldm,
+                const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu_mma::TileArg arg{f.x, p, nullptr, ldm};
+  emu::warp_matrix(emu_mma::load_tile<MmaFragA<scalar_t>, scalar_t, 16, MmaK<scalar_t>::value,
+                                      false>, &arg, file, line);
+}
+template <typename scalar_t>
+void mma_load_b(MmaFragB<scalar_t>& f, const scalar_t* p, int ldm,
+                const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu_mma::TileArg arg{f.x, p, nullptr, ldm};
+  emu::warp_matrix(emu_mma::load_tile<MmaFragB<scalar_t>, scalar_t, MmaK<scalar_t>::value, 16,
+                                      true>, &arg, file, line);
+}
+template <typename scalar_t>
+void mma_run(MmaFragAcc<scalar_t>& d, const MmaFragA<scalar_t>& a, const MmaFragB<scalar_t>& b,
+             const MmaFragAcc<scalar_t>& c, const char* file = __builtin_FILE(),
+             int line = __builtin_LINE()) {
+  emu_mma::MmaArg arg{d.x, a.x, b.x, c.x};
+  emu::warp_matrix(emu_mma::multiply<MmaK<scalar_t>::value>, &arg, file, line);
+}
+template <typename scalar_t>
+void mma_store(float* p, const MmaFragAcc<scalar_t>& f, int ldm,
+               const char* file = __builtin_FILE(), int line = __builtin_LINE()) {
+  emu_mma::TileArg arg{const_cast<float*>(f.x), nullptr, p, ldm};
+  emu::warp_matrix(emu_mma::store_tile, &arg, file, line);
+}
+
+}  // namespace cuda
+}  // namespace convops
+
+#else  // nvcc
+
+#if defined(__CUDA_AMPERE_MMA__)
+#define CONVOPS_TENSOR_CORES 1
+#else
+#define CONVOPS_TENSOR_CORES 0
+#endif
+
+namespace convops {
+namespace cuda {
+
+template <typename scalar_t>
+struct WmmaType;
+template <>
+struct WmmaType<c10::Half> { using frag = __half; using mem = __half; };
+template <>
+struct WmmaType<c10::BFloat16> { using frag = __nv_bfloat16; using mem = __nv_bfloat16; };
+template <>
+struct WmmaType<float> { using frag = nvcuda::wmma::precision::tf32; using mem = float; };
+
+#if CONVOPS_TENSOR_CORES
+template <typename scalar_t>
+using MmaFragA = nvcuda::wmma::fragment<nvcuda::wmma::matrix_a, 16, 16, MmaK<scalar_t>::value,
+                                        typename WmmaType<scalar_t>::frag,
+                                        nvcuda::wmma::row_major>;
+template <typename scalar_t>
+using MmaFragB = nvcuda::wmma::fragment<nvcuda::wmma::matrix_b, 16, 16, MmaK<scalar_t>::value,
+                                        typename WmmaType<scalar_t>::frag,
+                                        nvcuda::wmma::col_major>;
+template <typename scalar_t>
+using MmaFragAcc =
+    nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, MmaK<scalar_t>::value, float>;
+
+template <typename Frag>
+__device__ __forceinline__ void round_to_tf32(Frag& f, float*) {
+#pragma unroll
+  for (int i = 0; i < f.num_elements; ++i) f.x[i] = nvcuda::wmma::__float_to_tf32(f.x[i]);
+}
+template <typename Frag, typename T>
+__device__ __forceinline__ void round_to_tf32(Frag&, T*) {}
+
+template <typename scalar_t>
+__device__ __forceinline__ void mma_zero(MmaFragAcc<scalar_t>& f) {
+  nvcuda::wmma::fill_fragment(f, 0.f);
+}
+template <typename scalar_t>
+__device__ __forceinline__ void mma_load_a(MmaFragA<scalar_t>& f, const scalar_t* p, int ldm) {
+  using mem = typename WmmaType<scalar_t>::mem;
+  nvcuda::wmma::load_matrix_sync(f, reinterpret_cast<const mem*>(p), ldm);
+  round_to_tf32(f, static_cast<mem*>(nullptr));
+}
+template <typename scalar_t>
+__device__ __forceinline__ void mma_load_b(MmaFragB<scalar_t>& f, const scalar_t* p, int ldm) {
+  using mem = typename WmmaType<scalar_t>::mem;
+  nvcuda::wmma::load_matrix_sync(f, reinterpret_cast<const mem*>(p), ldm);
+  round_to_tf32(f, static_cast<mem*>(nullptr));
+}
+template <typename scalar_t>
+__device__ __forceinline__ void mma_run(MmaFragAcc<scalar_t>& d, const MmaFragA<scalar_t>& a,
+                                        const MmaFragB<scalar_t>& b,
+                                        const MmaFragAcc<scalar_t>& c) {
+  nvcuda::wmma::mma_sync(d, a, b, c);
+}
+template <typename scalar_t>
+__device__ __forceinline__ void mma_store(float* p, const MmaFragAcc<scalar_t>& f, int ldm) {
+  nvcuda::wmma::store_matrix_sync(p, f, ldm, nvcuda::wmma::mem_row_major);
+}
+#endif  // CONVOPS_TENSOR_CORES
+
+}  // namespace cuda
+}  // namespace convops
 #endif

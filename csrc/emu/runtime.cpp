@@ -107,6 +107,8 @@ struct EmuThread {
   size_t bytes = 0;
   alignas(16) unsigned char value[16];
   alignas(16) unsigned char result[16];
+  WarpMatrixFn matrix_fn = nullptr;  // WarpOp::Matrix
+  void* matrix_arg = nullptr;
   Fiber* fiber = nullptr;
 };
 
@@ -379,6 +381,7 @@ const char* op_name(WarpOp op) {
     case WarpOp::All: return "__all_sync";
     case WarpOp::Any: return "__any_sync";
     case WarpOp::Sync: return "__syncwarp";
+    case WarpOp::Matrix: return "a tensor-core fragment operation (mma_*)";
   }
   return "?";
 }
@@ -427,6 +430,24 @@ bool try_complete_collective(EmuThread& t, int warp_base, int block_threads) {
            " names lane " + std::to_string(lane) + ", which " + elsewhere);
     }
     lanes.push_back(&other);
+  }
+  if (t.op == WarpOp::Matrix) {
+    void* args[kWarpSize];
+    for (EmuThread* l : lanes) {
+      if (l->matrix_fn != t.matrix_fn) {
+        fail(std::string(op_name(t.op)) + " at " + site(t.file, t.line) +
+             ": the lanes of a warp call different operations");
+      }
+      args[l->lane] = l->matrix_arg;
+    }
+    try {
+      t.matrix_fn(args);
+    } catch (const std::exception& e) {
+      fail(std::string(op_name(t.op)) + " at " + site(t.file, t.line) + " by " + where(t) +
+           ": " + e.what());
+    }
+    for (EmuThread* l : lanes) l->state = State::Runnable;
+    return true;
   }
   const bool is_vote = t.op == WarpOp::Ballot || t.op == WarpOp::All || t.op == WarpOp::Any ||
                        t.op == WarpOp::Sync;
@@ -581,6 +602,21 @@ void warp_collective(WarpOp op, unsigned mask, const void* value, size_t bytes, 
                                         op == WarpOp::ShflDown || op == WarpOp::ShflXor
                                     ? bytes
                                     : sizeof(unsigned));
+}
+
+void warp_matrix(WarpMatrixFn fn, void* lane_arg, const char* file, int line) {
+  EmuThread& t = running_thread(op_name(WarpOp::Matrix));
+  t.state = State::AtWarp;
+  t.op = WarpOp::Matrix;
+  t.mask = 0xffffffffu;  // wmma operations are warp-wide: every lane must take part
+  t.arg = 0;
+  t.width = kWarpSize;
+  t.file = file;
+  t.line = line;
+  t.bytes = 0;
+  t.matrix_fn = fn;
+  t.matrix_arg = lane_arg;
+  yield_to_scheduler();
 }
 
 void* shared_alloc(const void* site_key, size_t bytes) {

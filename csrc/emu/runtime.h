@@ -15,14 +15,19 @@
 // - Shared memory (static and dynamic) is private to the block and filled with 0xFF bytes (NaN
 //   for floating types) before the block starts, so reading what nobody wrote poisons results.
 //   Under AddressSanitizer the unallocated part of the shared arena is poisoned too.
+// - Tensor-core fragments (cuda/dialect.h mma_*): load, multiply-accumulate and store are
+//   warp-wide operations that complete only when all 32 lanes of the warp have arrived at the
+//   same call with the same pointer and leading dimension (checked, like the 32-byte pointer
+//   and 16-byte ldm alignment wmma requires). Each lane holds a scrambled share of the tile, so
+//   code that assumes an element-to-lane mapping reads the wrong values. Products are exact
+//   and summed in fp32; fp32 inputs are rounded to TF32 first.
 // - Atomics are exact (no update is lost; only one host thread runs a launch).
 // - Launch geometry is validated as the driver does (cuda/dialect.h validate_launch); static
 //   plus dynamic shared memory is checked against the kernel's allowance when allocated.
 // What it does not model: timing, memory coalescing and bank conflicts, blocks running
 // concurrently (a kernel that makes one block wait for another deadlocks on a GPU but not
 // here), the memory model between blocks (fences, visibility), independent progress inside a
-// warp between collectives, tensor-core fragments (no kernel uses them yet), texture/constant
-// memory, streams and events (launches run synchronously). Out-of-bounds global accesses are
+// warp between collectives, texture/constant memory, streams and events (launches run synchronously). Out-of-bounds global accesses are
 // caught only by the AddressSanitizer build.
 #pragma once
 
@@ -102,7 +107,13 @@ T* dynamic_shared() {
 
 void syncthreads(const char* file, int line);
 
-enum class WarpOp { Shfl, ShflUp, ShflDown, ShflXor, Ballot, All, Any, Sync };
+enum class WarpOp { Shfl, ShflUp, ShflDown, ShflXor, Ballot, All, Any, Sync, Matrix };
+
+// A warp-wide matrix operation: once all 32 lanes of the warp wait in the same call, `fn` runs
+// once with each lane's `lane_arg`, in lane order (it may throw std::runtime_error to report a
+// misuse), and then all lanes go on.
+using WarpMatrixFn = void (*)(void* const* lane_args);
+void warp_matrix(WarpMatrixFn fn, void* lane_arg, const char* file, int line);
 
 // Deposits `bytes` of `value` for the collective, waits for the named lanes, writes the
 // result. `arg` is the lane, delta or lane mask of a shuffle, or the predicate of a vote.

@@ -141,6 +141,45 @@ static_and_dynamic(const float* __restrict__ in, float* __restrict__ out, int n)
   if (i < n) out[i] = dynamic[threadIdx.x];
 }
 
+// One warp: out (16 x 16) = A (in[0:256], row-major) * B (in[256:512], row-major) on tensor
+// cores in scalar_t. kMistake 1: lanes 16-31 skip the multiply; 2: B's pointer is off by one
+// element (not 32-byte aligned); 3: the result is read straight out of the fragments as if
+// lane l held entries l*8 .. l*8+7 (the mapping is unspecified).
+template <typename scalar_t, int kMistake>
+__global__ void __launch_bounds__(32)
+mma_product(const float* __restrict__ in, float* __restrict__ out, int n) {
+  CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
+  scalar_t* a = reinterpret_cast<scalar_t*>(smem);           // 16 x 16, row-major
+  scalar_t* b = reinterpret_cast<scalar_t*>(smem + 1088);    // 16 x 16, column-major
+  float* c = reinterpret_cast<float*>(smem + 2176);           // 16 x 16, row-major
+  const int lane = threadIdx.x;
+  for (int i = lane; i < 256; i += 32) {
+    a[i] = static_cast<scalar_t>(in[i]);
+    b[(i % 16) * 16 + i / 16] = static_cast<scalar_t>(in[256 + i]);
+  }
+  __syncthreads();
+  constexpr int kK = MmaK<scalar_t>::value;
+  MmaFragAcc<scalar_t> acc;
+  mma_zero<scalar_t>(acc);
+  if (kMistake != 1 || lane < 16) {
+    for (int k0 = 0; k0 < 16; k0 += kK) {
+      MmaFragA<scalar_t> fa;
+      MmaFragB<scalar_t> fb;
+      mma_load_a<scalar_t>(fa, a + k0, 16);
+      mma_load_b<scalar_t>(fb, b + k0 + (kMistake == 2 ? 1 : 0), 16);
+      mma_run<scalar_t>(acc, fa, fb, acc);
+    }
+  }
+  if (kMistake == 3) {
+    for (int e = 0; e < acc.num_elements && lane * acc.num_elements + e < n; ++e)
+      out[lane * acc.num_elements + e] = acc.x[e];
+    return;
+  }
+  mma_store<scalar_t>(c, acc, 16);
+  __syncthreads();
+  for (int i = lane; i < 256 && i < n; i += 32) out[i] = c[i];
+}
+
 using Kernel = void (*)(const float*, float*, int);
 
 at::Tensor selftest(const std::string& name, const at::Tensor& input) {
@@ -182,6 +221,16 @@ at::Tensor selftest(const std::string& name, const at::Tensor& input) {
   } else if (name == "opted_in_dynamic_shared") {
     allow_dynamic_shared(reverse_block<1>, 100 * 1024);
     run("reverse_block", reverse_block<1>, {Dim3(blocks), Dim3(kThreads), 100 * 1024, kThreads});
+  } else if (name.rfind("mma_", 0) == 0) {
+    TORCH_CHECK(n >= 512, "selftest: the mma kernels take 512 inputs");
+    const LaunchConfig warp{Dim3(1), Dim3(32), 4096, 32};
+    if (name == "mma_half") run("mma_product", mma_product<c10::Half, 0>, warp);
+    else if (name == "mma_bfloat16") run("mma_product", mma_product<c10::BFloat16, 0>, warp);
+    else if (name == "mma_tf32") run("mma_product", mma_product<float, 0>, warp);
+    else if (name == "mma_half_warp") run("mma_product", mma_product<c10::Half, 1>, warp);
+    else if (name == "mma_misaligned") run("mma_product", mma_product<c10::Half, 2>, warp);
+    else if (name == "mma_lane_mapping") run("mma_product", mma_product<c10::Half, 3>, warp);
+    else TORCH_CHECK(false, "selftest: unknown kernel '", name, "'");
   } else TORCH_CHECK(false, "selftest: unknown kernel '", name, "'");
   return out;
 }
