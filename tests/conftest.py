@@ -40,6 +40,10 @@ TOLERANCES = {
     torch.bfloat16: (1e-3, 1.6e-2),
 }
 
+# fp32 on TF32 tensor cores (torch.backends.cudnn.allow_tf32, which convops's CUDA engine
+# follows as F.conv2d does): 10 mantissa bits in the products, like float16.
+TF32_TOLERANCE = (1e-4, 2e-3)
+
 # Every dtype the ops take, in the order the case grids cycle through.
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -76,6 +80,16 @@ def check_gpu_against_cpu(check, case, gpu, names):
     assert_close(out, cpu_out.double(), case["dtype"], "forward vs cpu op")
     for name, a, c in zip(names, grads, cpu_grads):
         assert_close(a, c.double(), case["dtype"], f"grad_{name} vs cpu op")
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """fp32 results are compared at fp32 precision, so TF32 (cuDNN's default, followed by
+    convops's CUDA engine) is off in every test except those that turn it on themselves."""
+    prev = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = prev
 
 
 def devices():

@@ -100,10 +100,18 @@ template <typename acc_t, typename scalar_t, typename index_t>
 struct DeformSampler {
   static constexpr bool kIntegerGrid = false;
   const scalar_t* offset;  // image n
-  index_t off_sc, off_sy, off_sx;
+  index_t off_sn, off_sc, off_sy, off_sx;
   const scalar_t* mask;    // image n, or nullptr
-  index_t mask_sc, mask_sy, mask_sx;
+  index_t mask_sn, mask_sc, mask_sy, mask_sx;
   index_t H, W, kh, kw, sh, sw, ph, pw, dh, dw;
+
+  // The sampler of image n + i (i images further on).
+  HOST_DEVICE_INLINE DeformSampler image(index_t i) const {
+    DeformSampler s = *this;
+    s.offset += i * off_sn;
+    if (mask != nullptr) s.mask += i * mask_sn;
+    return s;
+  }
 
   HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t og, index_t tap, index_t oh,
                                                    index_t ow, acc_t* modulation) const {
@@ -127,11 +135,13 @@ DeformSampler<acc_t, scalar_t, int64_t> deform_sampler(const at::Tensor& offset,
                                                        int64_t n, const DeformGeometry& g) {
   DeformSampler<acc_t, scalar_t, int64_t> s;
   s.offset = offset.const_data_ptr<scalar_t>() + n * offset.stride(0);
+  s.off_sn = offset.stride(0);
   s.off_sc = offset.stride(1); s.off_sy = offset.stride(2); s.off_sx = offset.stride(3);
   s.mask = nullptr;
-  s.mask_sc = s.mask_sy = s.mask_sx = 0;
+  s.mask_sn = s.mask_sc = s.mask_sy = s.mask_sx = 0;
   if (g.has_mask) {
     s.mask = mask->const_data_ptr<scalar_t>() + n * mask->stride(0);
+    s.mask_sn = mask->stride(0);
     s.mask_sc = mask->stride(1); s.mask_sy = mask->stride(2); s.mask_sx = mask->stride(3);
   }
   s.H = g.H; s.W = g.W; s.kh = g.kh; s.kw = g.kw; s.sh = g.sh; s.sw = g.sw;

@@ -17,6 +17,8 @@ struct GridSampler {
   static constexpr bool kIntegerGrid = true;  // lets the CPU engine use row copies
   index_t H, W, kh, kw, sh, sw, ph, pw, dh, dw;
 
+  HOST_DEVICE_INLINE GridSampler image(index_t) const { return *this; }  // same for every image
+
   HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t /*group*/, index_t tap, index_t oh,
                                                    index_t ow, acc_t* modulation) const {
     *modulation = acc_t(1);

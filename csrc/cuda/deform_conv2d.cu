@@ -1,12 +1,11 @@
 // Deformable convolution (DCNv1/v2) on CUDA: the gather engine (cuda/gather_engine.cuh) with
 // the bilinear sampler (common/deform.h), plus the offset/mask gradient kernel.
 //
-// The offset and mask gradients take one thread per (offset group, tap, pixel) that sums
-// dcols * d(sample) over its group's channels: no atomics, deterministic in both modes.
-// Toward the goal (fwd+bwd >= 3x torchvision at ResNet-50-DCN shapes in fp16/bf16): fuse the
-// sampling into the GEMM's B-operand load so the columns never round-trip through memory
-// (saves 2*C*K*P*4 bytes per pass), bf16 columns for tensor-core MMA, int32 indexing.
-// Status: compiled in CI, not yet run on a GPU.
+// The fused implicit-GEMM engine (cuda/implicit_gemm.cuh) runs on GPUs with bf16/TF32 tensor
+// cores; CONVOPS_CUDA_IMPL=plain (or an older GPU) runs the plain engine: columns in global
+// memory, cuBLAS, and for the offset and mask gradients one thread per (offset group, tap,
+// pixel) summing dcols * d(sample) over its group's channels.
+// Status: compiled in CI and run in the emulator; not yet run on a GPU.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
@@ -16,6 +15,7 @@
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cuda/gather_engine.cuh"
+#include "cuda/implicit_gemm.cuh"
 
 namespace convops {
 namespace cuda {
@@ -61,6 +61,11 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (implicit_gemm_enabled()) {
+      igemm_forward_run<scalar_t>(input, weight, b, g,
+                                  deform_sampler<acc_t, scalar_t>(offset, mask, 0, g), out);
+      return;
+    }
     engine_forward<scalar_t>(input, weight, b, g, [&](int64_t n) {
       return deform_sampler<acc_t, scalar_t>(offset, mask, n, g);
     }, out);
@@ -92,6 +97,18 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
                                   "deform_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Sampler = DeformSampler<acc_t, scalar_t, int64_t>;
+    if (implicit_gemm_enabled()) {
+      const Sampler sampler = deform_sampler<acc_t, scalar_t>(offset, mask, 0, g);
+      if (output_mask[1]) igemm_weight_grad_run<scalar_t>(grad_output, input, g, sampler,
+                                                          grads.weight);
+      if (output_mask[0] || want_offset || want_mask) {
+        igemm_data_grad_run<scalar_t>(grad_output, input, weight, mask, g, sampler,
+                                      output_mask[0] ? grads.input : at::Tensor(),
+                                      want_offset ? grad_offset : at::Tensor(),
+                                      want_mask ? grad_mask : at::Tensor());
+      }
+      return;
+    }
     const auto sample_grads = [&](const ImageView<scalar_t>& x, const Sampler& sampler,
                                   const acc_t* dcols, int64_t p0, int64_t P, int64_t n) {
       scalar_t* go_ptr = want_offset ? grad_offset.mutable_data_ptr<scalar_t>() +

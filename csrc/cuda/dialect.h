@@ -10,7 +10,7 @@
 //   __all_sync, __any_sync, __syncwarp
 //   CONVOPS_SHARED_ARRAY(type, name, count)   static shared memory
 //   CONVOPS_DYNAMIC_SHARED(type, name)        the launch's dynamic shared memory
-//   atomic_add(ptr, value)
+//   atomic_add(ptr, value), atomic_add_u64(ptr, value)
 //   MmaFragA/B/Acc<scalar_t>, mma_zero, mma_load_a, mma_load_b, mma_run, mma_store:
 //   tensor-core tiles (nvcuda::wmma on sm_80+; modelled by the emulator), see the end of
 //   this file
@@ -142,11 +142,26 @@ template <typename T>
 inline void atomic_add(T* address, T value) {
   emu::atomic_add(address, value);
 }
+inline void atomic_add_u64(unsigned long long* address, unsigned long long value) {
+  emu::atomic_add(address, value);  // wraps modulo 2^64, as on the GPU
+}
+inline bool device_has_tensor_cores() { return true; }  // the emulator models sm_90
 #else
 using DeviceGuard = c10::cuda::CUDAGuard;
 template <typename T>
 __device__ __forceinline__ void atomic_add(T* address, T value) {
   gpuAtomicAdd(address, value);
+}
+__device__ __forceinline__ void atomic_add_u64(unsigned long long* address,
+                                               unsigned long long value) {
+  atomicAdd(address, value);
+}
+// bf16 and TF32 tensor cores (mma_* below) need compute capability 8.0.
+inline bool device_has_tensor_cores() {
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 8;
 }
 #endif
 

@@ -1,12 +1,8 @@
-// Dilated convolution on CUDA: the gather engine (cuda/gather_engine.cuh) with the integer
-// grid sampler (common/dilated.h): im2col of the dilated taps into bounded column chunks, then
-// cuBLAS GEMMs; backward via the same columns (deterministic scatter when
-// torch.are_deterministic_algorithms_enabled()).
-// Toward the goal (within 1.1x of cuDNN at ASPP shapes, N=8, 2048->256, 65^2, d=12..36): an
-// implicit GEMM that loads the dilated taps straight into shared memory (no columns round trip)
-// with tensor-core MMA on bf16/fp16 tiles; at d >= 12 most taps of a 65^2 map hit the padding,
-// so skipping all-zero K-slices per output tile is the other lever.
-// Status: compiled in CI, not yet run on a GPU.
+// Dilated convolution on CUDA: the fused implicit-GEMM engine (cuda/implicit_gemm.cuh) with the
+// integer grid sampler (common/dilated.h), skipping taps that land wholly in padding per tile.
+// CONVOPS_CUDA_IMPL=plain (or a GPU without bf16/TF32 tensor cores) runs the plain engine
+// (cuda/gather_engine.cuh: bounded column chunks and cuBLAS).
+// Status: compiled in CI and run in the emulator; not yet run on a GPU.
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/sum.h>
@@ -17,6 +13,7 @@
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
 #include "cuda/gather_engine.cuh"
+#include "cuda/implicit_gemm.cuh"
 
 namespace convops {
 namespace cuda {
@@ -34,6 +31,10 @@ at::Tensor dilated_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                   "dilated_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto sampler = grid_sampler<acc_t, scalar_t>(g);
+    if (implicit_gemm_enabled()) {
+      igemm_forward_run<scalar_t>(input, weight, b, g, sampler, out);
+      return;
+    }
     engine_forward<scalar_t>(input, weight, b, g, [&](int64_t) { return sampler; }, out);
   });
   return out;
@@ -54,6 +55,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     using Sampler = GridSampler<acc_t, scalar_t, int64_t>;
     const auto sampler = grid_sampler<acc_t, scalar_t>(g);
+    if (implicit_gemm_enabled()) {
+      if (output_mask[1]) igemm_weight_grad_run<scalar_t>(grad_output, input, g, sampler,
+                                                          grads.weight);
+      if (output_mask[0]) {
+        igemm_data_grad_run<scalar_t>(grad_output, input, weight, c10::nullopt, g, sampler,
+                                      grads.input, at::Tensor(), at::Tensor());
+      }
+      return;
+    }
     const auto no_sample_grads = [](const ImageView<scalar_t>&, const Sampler&, const acc_t*,
                                     int64_t, int64_t, int64_t) {};
     engine_backward<scalar_t>(grad_output, input, weight, g, [&](int64_t) { return sampler; },

@@ -1,0 +1,706 @@
+// The fused implicit-GEMM engine of deformable and dilated convolution on CUDA, one engine for
+// both: the Sampler (common/deform.h bilinear offsets x mask, common/dilated.h integer grid)
+// decides where each (offset group, tap, pixel) reads; nothing else differs.
+//
+// Per group the convolution is a GEMM with M = out-channels, N = all N*Ho*Wo output pixels of
+// the batch (one launch per pass, never per image, group or chunk) and K = taps * in-channels,
+// ordered tap-major so one K-slice (a tap and up to kBK channels) shares its samples. The
+// columns never reach global memory: the B tile is sampled while it is staged in shared memory.
+// Blocks are kThreads = 128 threads (4 warps) and a 64 x 64 output tile, K in slices of 32.
+//
+// - Forward (igemm_forward): A = weight (OC, taps, Cg) copy in the input dtype, B = sampled
+//   columns (scalar_t), out = A * B + bias. Staging gives each thread one pixel and 16
+//   channels; its sample is computed once per (tap, offset group).
+// - Weight gradient (igemm_weight_grad + igemm_weight_grad_reduce): dW = grad_out * cols^T,
+//   reducing over N*Ho*Wo in slices of 32 pixels; the pixel range is split S ways (S from the
+//   shapes only) into partials of S x OC x taps x Cg in fp32 (fp64), independent of the batch,
+//   summed in a fixed order by the reduce kernel. Deterministic always, no atomics.
+// - Input, offset and mask gradients (igemm_data_grad), one fused kernel: per 64-pixel tile and
+//   K-slice it builds dcols = W^T * grad_out (M = channels of the slice, reducing over the
+//   group's out-channels) on tensor cores, then each thread takes one pixel and 16 channels:
+//   it scatters dcols * mask * corner weight to the four corners and sums the offset and mask
+//   gradients over its channels; the two threads of a pixel and the slices of an offset group
+//   are added in a fixed order, so grad_offset and grad_mask are deterministic in both modes.
+//   The scatter uses fp32 (fp64) atomics, into grad_input itself for fp32/fp64 and into an fp32
+//   copy for fp16/bf16. Under torch.use_deterministic_algorithms(True) it adds fixed-point
+//   integers instead (int64, 2^S per unit): integer addition is associative, so the result is
+//   bit-reproducible while still using every thread. S is chosen per call on the device from a
+//   bound on |grad_input| (max|grad_out| * max column sum of |W| * max|mask| * taps * Ho * Wo),
+//   so no sum can overflow 2^62; each term is rounded to 2^-S, i.e. about 2^-62 of that bound.
+//   The accumulation buffer covers at most kAccumBudget elements: larger batches run in image
+//   chunks, so extra memory does not grow with the batch.
+// - Dilated convolution: taps whose samples all land in padding for a tile are skipped.
+// - Math: fp16/bf16 on tensor cores (fp32 accumulation); fp32 on TF32 tensor cores when
+//   torch.backends.cudnn.allow_tf32 (as F.conv2d), else exact FFMA; fp64 FFMA. Tensor cores
+//   need sm_80; older GPUs and CONVOPS_CUDA_IMPL=plain run the plain engine
+//   (cuda/gather_engine.cuh).
+// Indexing is int64; launch geometry is int64 and checked before launch.
+// Written in the device dialect (cuda/dialect.h): the emulator runs this same file.
+#pragma once
+
+#include <ATen/Context.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/abs.h>
+#include <ATen/ops/amax.h>
+#include <ATen/ops/ceil.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/exp2.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/log2.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+
+#include "common/deform.h"
+#include "common/tensor_utils.h"
+#include "cuda/dialect.h"
+
+namespace convops {
+namespace cuda {
+
+constexpr int kIgThreads = 128;
+constexpr int kBM = 64, kBN = 64, kBK = 32;
+constexpr int kStageChannels = 16;  // channels one thread samples per K-slice
+constexpr int64_t kAccumBudget = int64_t(1) << 25;
+constexpr int64_t kWgTargetBlocks = 1056;  // about 8 blocks per SM of an H100
+constexpr int64_t kMaxWgSplits = 64;
+
+// Shared-memory layout of one block: A (kRowsA x ld) and B (kBN x ld, column-major) tiles in
+// the operand type, reused after the K loop as the fp32 (fp64) result tile C (kRowsA x ldc).
+// Leading dimensions are padded (bank conflicts) and keep wmma's 16-byte / 32-byte rules.
+template <typename scalar_t, int kRowsA>
+struct TileLayout {
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kPad = sizeof(scalar_t) == 2 ? 8 : sizeof(scalar_t) == 4 ? 4 : 1;
+  static constexpr int ld = kBK + kPad;
+  static constexpr int ldc = kBN + (sizeof(acc_t) == 4 ? 4 : 1);
+  static constexpr int64_t a_bytes = (int64_t(kRowsA) * ld * sizeof(scalar_t) + 127) / 128 * 128;
+  static constexpr int64_t ab_bytes = a_bytes + int64_t(kBN) * ld * sizeof(scalar_t);
+  static constexpr int64_t c_bytes = int64_t(kRowsA) * ldc * sizeof(acc_t);
+  static constexpr int64_t bytes = ab_bytes > c_bytes ? ab_bytes : c_bytes;
+};
+
+// The GEMM shape and tensor strides one launch needs (int64).
+struct EngineParams {
+  int64_t N, C, H, W, OC, taps, kw, Cg, OCg, groups, cpo, Ho, Wo, HoWo;
+  int64_t n0, n1;                  // the images this launch covers
+  int64_t x_sn, x_sc, x_sy, x_sx;  // input
+  int64_t o_sn, o_sc, o_sy, o_sx;  // output or grad_output
+  bool out_channels_last;          // forward: coalesce the output along channels
+  int64_t splits;                  // weight gradient: pixel ranges
+};
+
+// Stages one pixel's column values for channels [c, c + kStageChannels) of tap `tap` into dst
+// (scalar_t, contiguous): mask * bilinear sample, zero outside [.., c_end) or the image.
+// The sample is recomputed only when the offset group changes (og_cache).
+template <typename scalar_t, typename Sampler, typename acc_t>
+__device__ __forceinline__ void stage_columns(const scalar_t* x_img, const EngineParams& e,
+                                              const Sampler& s_img, bool valid, int64_t tap,
+                                              int64_t oh, int64_t ow, int64_t c, int64_t c_end,
+                                              int64_t& og_cache, Sample<acc_t, int64_t>& smp,
+                                              acc_t& m, scalar_t* dst, int dst_stride) {
+#pragma unroll 4
+  for (int j = 0; j < kStageChannels; ++j, ++c) {
+    acc_t v = acc_t(0);
+    if (valid && c < c_end) {
+      const int64_t og = c / e.cpo;
+      if (og != og_cache) {
+        smp = s_img.sample(og, tap, oh, ow, &m);
+        og_cache = og;
+      }
+      v = m * sample_value<acc_t, scalar_t, int64_t>(x_img + c * e.x_sc, e.x_sy, e.x_sx, smp);
+    }
+    dst[j * dst_stride] = static_cast<scalar_t>(v);
+  }
+}
+
+// C (kRowsA x kBN) += A (kRowsA x kBK, row-major in As) * B (kBK x kBN, column-major in Bs),
+// kept in registers across K-slices: tensor cores (warp w owns rows (w / 2) * kRowsA / 2 and
+// columns (w % 2) * 32) or FFMA (thread owns kRowsA / 8 rows and 4 strided columns).
+template <typename scalar_t, bool kMma, int kRowsA>
+struct BlockMath;
+
+#if CONVOPS_TENSOR_CORES
+template <typename scalar_t, int kRowsA>
+struct BlockMath<scalar_t, true, kRowsA> {
+  using L = TileLayout<scalar_t, kRowsA>;
+  static constexpr int kFragRows = kRowsA / 32;  // 16-row fragments per warp
+  MmaFragAcc<scalar_t> acc[kFragRows][2];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) mma_zero<scalar_t>(acc[i][j]);
+  }
+  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs) {
+    constexpr int kK = MmaK<scalar_t>::value;
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+#pragma unroll
+    for (int k0 = 0; k0 < kBK; k0 += kK) {
+      MmaFragA<scalar_t> a[kFragRows];
+      MmaFragB<scalar_t> b[2];
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i)
+        mma_load_a<scalar_t>(a[i], As + (wm * kRowsA / 2 + i * 16) * L::ld + k0, L::ld);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        mma_load_b<scalar_t>(b[j], Bs + (wn * 32 + j * 16) * L::ld + k0, L::ld);
+#pragma unroll
+      for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) mma_run<scalar_t>(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+  }
+  __device__ __forceinline__ void store(float* Cs) const {
+    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
+#pragma unroll
+    for (int i = 0; i < kFragRows; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+        mma_store<scalar_t>(Cs + (wm * kRowsA / 2 + i * 16) * L::ldc + wn * 32 + j * 16,
+                            acc[i][j], L::ldc);
+  }
+};
+#endif
+
+template <typename scalar_t, int kRowsA>
+struct BlockMath<scalar_t, false, kRowsA> {
+  using L = TileLayout<scalar_t, kRowsA>;
+  using acc_t = at::opmath_type<scalar_t>;
+  static constexpr int kRows = kRowsA / 8;
+  acc_t acc[kRows][4];
+
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
+  }
+  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs) {
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll 4
+    for (int k = 0; k < kBK; ++k) {
+      acc_t a[kRows], b[4];
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) a[i] = static_cast<acc_t>(As[(tm * kRows + i) * L::ld + k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = static_cast<acc_t>(Bs[(tn + 16 * j) * L::ld + k]);
+#pragma unroll
+      for (int i = 0; i < kRows; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += a[i] * b[j];
+    }
+  }
+  __device__ __forceinline__ void store(acc_t* Cs) const {
+    const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Cs[(tm * kRows + i) * L::ldc + tn + 16 * j] = acc[i][j];
+  }
+};
+
+// Splits output pixel q (over the whole batch) into image and position.
+struct PixelPos {
+  int64_t n, oh, ow;
+  bool valid;
+};
+__device__ __forceinline__ PixelPos pixel_pos(int64_t q, const EngineParams& e) {
+  PixelPos p;
+  p.valid = q < (e.n1 - e.n0) * e.HoWo;
+  if (!p.valid) q = 0;
+  p.n = e.n0 + q / e.HoWo;
+  const int64_t r = q % e.HoWo;
+  p.oh = r / e.Wo;
+  p.ow = r % e.Wo;
+  return p;
+}
+
+// Does any pixel of the block sample inside the image at `tap`? (dilated: skip the tap if not)
+template <typename Sampler, typename acc_t>
+__device__ __forceinline__ bool tap_reaches_image(int* flag, const Sampler& s_img,
+                                                  const PixelPos& pp, int64_t tap) {
+  __syncthreads();  // everyone has read the previous answer
+  if (threadIdx.x == 0) *flag = 0;
+  __syncthreads();
+  acc_t m;
+  if (pp.valid && s_img.sample(0, tap, pp.oh, pp.ow, &m).inside) *flag = 1;
+  __syncthreads();
+  return *flag != 0;
+}
+
+// --- forward --------------------------------------------------------------------------------
+
+template <typename scalar_t, bool kMma, typename Sampler>
+__global__ void __launch_bounds__(kIgThreads)
+igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc,
+              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, Sampler sampler,
+              EngineParams e) {
+#if CONVOPS_TENSOR_CORES || !defined(__CUDA_ARCH__)
+  using acc_t = at::opmath_type<scalar_t>;
+  using L = TileLayout<scalar_t, kBM>;
+  CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
+  CONVOPS_SHARED_ARRAY(int, tap_flag, 1);
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);
+  const int tid = threadIdx.x;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, grp = blockIdx.z;
+  const int bp = tid % kBN, bh = tid / kBN;  // staging: pixel, channel half
+  const PixelPos pp = pixel_pos(q0 + bp, e);
+  const Sampler s_img = sampler.image(pp.n);
+  const scalar_t* x_img = x + pp.n * e.x_sn;
+  const int am = tid / 2, ak = (tid % 2) * 16;  // staging of A: row, first column
+  const bool a_row_valid = m0 + am < e.OCg;
+  const scalar_t* w_row = w_okc + (grp * e.OCg + m0 + am) * e.taps * e.Cg;
+  const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
+  BlockMath<scalar_t, kMma, kBM> math;
+  math.zero();
+  for (int64_t tap = 0; tap < e.taps; ++tap) {
+    if (Sampler::kIntegerGrid && !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, tap))
+      continue;
+    int64_t og_cache = -1;
+    Sample<acc_t, int64_t> smp;
+    acc_t m = acc_t(1);
+    for (int64_t c0 = c_begin; c0 < c_end; c0 += kBK) {
+#pragma unroll 4
+      for (int j = 0; j < 16; ++j) {
+        const int64_t c = c0 + ak + j;
+        As[am * L::ld + ak + j] = (a_row_valid && c < c_end)
+                                      ? w_row[tap * e.Cg + (c - c_begin)]
+                                      : static_cast<scalar_t>(0);
+      }
+      stage_columns<scalar_t, Sampler, acc_t>(x_img, e, s_img, pp.valid, tap, pp.oh, pp.ow,
+                                              c0 + bh * kStageChannels, c_end, og_cache, smp, m,
+                                              Bs + bp * L::ld + bh * kStageChannels, 1);
+      __syncthreads();
+      math.step(As, Bs);
+      __syncthreads();  // the next slice overwrites the tiles
+    }
+  }
+  math.store(Cs);
+  __syncthreads();
+  for (int i = tid; i < kBM * kBN; i += kIgThreads) {
+    const int mm = e.out_channels_last ? i % kBM : i / kBN;
+    const int p = e.out_channels_last ? i / kBM : i % kBN;
+    const PixelPos o = pixel_pos(q0 + p, e);
+    if (!o.valid || m0 + mm >= e.OCg) continue;
+    const int64_t oc = grp * e.OCg + m0 + mm;
+    acc_t v = Cs[mm * L::ldc + p];
+    if (bias != nullptr) v += static_cast<acc_t>(bias[oc]);
+    out[o.n * e.o_sn + oc * e.o_sc + o.oh * e.o_sy + o.ow * e.o_sx] = static_cast<scalar_t>(v);
+  }
+#endif
+}
+
+// --- weight gradient ------------------------------------------------------------------------
+
+// partial[split][oc][tap * Cg + c] over the split's slices of 32 pixels. Grid: (column tiles
+// of 64 = taps * ceil(Cg / 64), ceil(OCg / 64), groups * splits).
+template <typename scalar_t, bool kMma, typename Sampler>
+__global__ void __launch_bounds__(kIgThreads)
+igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
+                  at::opmath_type<scalar_t>* __restrict__ partial, Sampler sampler,
+                  EngineParams e) {
+#if CONVOPS_TENSOR_CORES || !defined(__CUDA_ARCH__)
+  using acc_t = at::opmath_type<scalar_t>;
+  using L = TileLayout<scalar_t, kBM>;
+  CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
+  acc_t* Cs = reinterpret_cast<acc_t*>(smem);
+  const int tid = threadIdx.x;
+  const int64_t col_tiles = (e.Cg + kBN - 1) / kBN;
+  const int64_t tap = blockIdx.x / col_tiles, c0 = (blockIdx.x % col_tiles) * kBN;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  const int64_t grp = blockIdx.z % e.groups, split = blockIdx.z / e.groups;
+  const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
+  const int64_t slices = ((e.n1 - e.n0) * e.HoWo + kBK - 1) / kBK;
+  const int64_t per_split = (slices + e.splits - 1) / e.splits;
+  const int64_t s_begin = split * per_split, s_end = std::min(slices, s_begin + per_split);
+  // staging: B column block (16 channels) and pixel; A row and 16 pixels
+  const int bq = tid % kBK, bc = tid / kBK;
+  const int am = tid / 2, aq = (tid % 2) * 16;
+  BlockMath<scalar_t, kMma, kBM> math;
+  math.zero();
+  for (int64_t s = s_begin; s < s_end; ++s) {
+    const int64_t q0 = s * kBK;
+#pragma unroll 4
+    for (int j = 0; j < 16; ++j) {
+      const PixelPos a = pixel_pos(q0 + aq + j, e);
+      As[am * L::ld + aq + j] =
+          (a.valid && m0 + am < e.OCg)
+              ? grad_out[a.n * e.o_sn + (grp * e.OCg + m0 + am) * e.o_sc + a.oh * e.o_sy +
+                         a.ow * e.o_sx]
+              : static_cast<scalar_t>(0);
+    }
+    const PixelPos pp = pixel_pos(q0 + bq, e);
+    const Sampler s_img = sampler.image(pp.n);
+    int64_t og_cache = -1;
+    Sample<acc_t, int64_t> smp;
+    acc_t m = acc_t(1);
+    stage_columns<scalar_t, Sampler, acc_t>(x + pp.n * e.x_sn, e, s_img, pp.valid, tap, pp.oh,
+                                            pp.ow, c_begin + c0 + bc * kStageChannels, c_end,
+                                            og_cache, smp, m,
+                                            Bs + (bc * kStageChannels) * L::ld + bq, L::ld);
+    __syncthreads();
+    math.step(As, Bs);
+    __syncthreads();
+  }
+  math.store(Cs);
+  __syncthreads();
+  const int64_t row = e.taps * e.Cg;
+  acc_t* dst = partial + split * e.OC * row;
+  for (int i = tid; i < kBM * kBN; i += kIgThreads) {
+    const int mm = i / kBN, cc = i % kBN;
+    if (m0 + mm >= e.OCg || c0 + cc >= e.Cg) continue;
+    dst[(grp * e.OCg + m0 + mm) * row + tap * e.Cg + c0 + cc] = Cs[mm * L::ldc + cc];
+  }
+#endif
+}
+
+// grad_weight (OC, Cg, kh, kw) = sum over splits, in split order.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+igemm_weight_grad_reduce(const at::opmath_type<scalar_t>* __restrict__ partial,
+                         scalar_t* __restrict__ grad_weight, int64_t OC, int64_t Cg,
+                         int64_t taps, int64_t splits) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= OC * Cg * taps) return;
+  const int64_t tap = i % taps, c = i / taps % Cg, oc = i / (taps * Cg);
+  const int64_t at = oc * taps * Cg + tap * Cg + c;
+  at::opmath_type<scalar_t> sum = 0;
+  for (int64_t s = 0; s < splits; ++s) sum += partial[s * OC * taps * Cg + at];
+  grad_weight[i] = static_cast<scalar_t>(sum);
+}
+
+// --- input, offset and mask gradients ----------------------------------------------------------
+
+// Where the scatter adds: fp32/fp64 atomics, or fixed-point int64 (deterministic mode).
+template <typename acc_t>
+struct GradInputTarget {
+  acc_t* values;                     // float mode: (N_chunk, C, H, W) through strides
+  unsigned long long* fixed;         // fixed-point mode, same strides
+  const double* scale;               // fixed-point units per 1.0 (device scalar)
+  int64_t sn, sc, sy, sx;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ void scatter_add(const GradInputTarget<acc_t>& t, double scale,
+                                            int64_t at, acc_t v) {
+  if (t.fixed != nullptr) {
+    const long long units = llrint(static_cast<double>(v) * scale);
+    atomic_add_u64(t.fixed + at, static_cast<unsigned long long>(units));
+  } else {
+    atomic_add(t.values + at, v);
+  }
+}
+
+// Grid: one block per 64-pixel tile. Loops over taps and slices of <= kBK channels that stay
+// inside one group and one offset group. grad_offset / grad_mask: contiguous, or nullptr.
+template <typename scalar_t, bool kMma, typename Sampler>
+__global__ void __launch_bounds__(kIgThreads)
+igemm_data_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
+                const scalar_t* __restrict__ w_gkco, Sampler sampler, EngineParams e,
+                GradInputTarget<at::opmath_type<scalar_t>> gi,
+                scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
+#if CONVOPS_TENSOR_CORES || !defined(__CUDA_ARCH__)
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kRowsA = kBK;  // dcols tile: 32 channels x 64 pixels
+  using L = TileLayout<scalar_t, kRowsA>;
+  CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
+  CONVOPS_SHARED_ARRAY(int, tap_flag, 1);
+  CONVOPS_SHARED_ARRAY(acc_t, pair_sums, 3 * kBN);  // offset/mask sums of the channel half 1
+  scalar_t* As = reinterpret_cast<scalar_t*>(smem);
+  scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
+  acc_t* Ds = reinterpret_cast<acc_t*>(smem + L::ab_bytes);  // dcols (32 x ldc)
+  const int tid = threadIdx.x;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBN;
+  const int bp = tid % kBN, bh = tid / kBN;
+  const PixelPos pp = pixel_pos(q0 + bp, e);
+  const Sampler s_img = sampler.image(pp.n);
+  const scalar_t* x_img = x + pp.n * e.x_sn;
+  const int64_t gi_img = (pp.n - e.n0) * gi.sn;
+  const double scale = gi.fixed != nullptr ? *gi.scale : 0.0;
+  const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
+  const int ac = tid / 4, ak = (tid % 4) * 8;  // staging of A (W^T): channel row, 8 out-channels
+  for (int64_t tap = 0; tap < e.taps; ++tap) {
+    if (Sampler::kIntegerGrid && !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, tap))
+      continue;
+    acc_t gy = 0, gx = 0, gm = 0;  // this thread's offset/mask sums for the current group
+    for (int64_t c0 = 0; c0 < e.C;) {
+      const int64_t grp = c0 / e.Cg, og = c0 / e.cpo;
+      const int64_t c1 = std::min(std::min(c0 + kBK, (grp + 1) * e.Cg), (og + 1) * e.cpo);
+      // dcols[c - c0][p] = sum over the group's out-channels of W[oc, c, tap] * grad_out[oc, p]
+      BlockMath<scalar_t, kMma, kRowsA> math;
+      math.zero();
+      for (int64_t oc0 = 0; oc0 < e.OCg; oc0 += kBK) {
+        const int64_t c = c0 + ac;
+        const scalar_t* wrow = w_gkco + ((grp * e.taps + tap) * e.Cg + (c - grp * e.Cg)) * e.OCg;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const int64_t oc = oc0 + ak + j;
+          As[ac * L::ld + ak + j] = (c < c1 && oc < e.OCg) ? wrow[oc] : static_cast<scalar_t>(0);
+        }
+#pragma unroll 4
+        for (int j = 0; j < 16; ++j) {
+          const int64_t oc = oc0 + bh * 16 + j;
+          Bs[bp * L::ld + bh * 16 + j] =
+              (pp.valid && oc < e.OCg)
+                  ? grad_out[pp.n * e.o_sn + (grp * e.OCg + oc) * e.o_sc + pp.oh * e.o_sy +
+                             pp.ow * e.o_sx]
+                  : static_cast<scalar_t>(0);
+        }
+        __syncthreads();
+        math.step(As, Bs);
+        __syncthreads();
+      }
+      math.store(Ds);
+      __syncthreads();
+      // Scatter this thread's pixel and channels, and sum its offset/mask terms.
+      if (pp.valid) {
+        acc_t m;
+        const auto smp = s_img.sample(og, tap, pp.oh, pp.ow, &m);
+        for (int j = 0; j < kStageChannels; ++j) {
+          const int64_t c = c0 + bh * kStageChannels + j;
+          if (c >= c1) break;
+          const acc_t d = Ds[(c - c0) * L::ldc + bp];
+          if (gi.values != nullptr || gi.fixed != nullptr) {
+            const int64_t base = gi_img + c * gi.sc;
+            const acc_t v = d * m;
+            if (smp.w00 != acc_t(0)) scatter_add(gi, scale, base + smp.y0 * gi.sy + smp.x0 * gi.sx, v * smp.w00);
+            if (smp.w01 != acc_t(0)) scatter_add(gi, scale, base + smp.y0 * gi.sy + (smp.x0 + 1) * gi.sx, v * smp.w01);
+            if (smp.w10 != acc_t(0)) scatter_add(gi, scale, base + (smp.y0 + 1) * gi.sy + smp.x0 * gi.sx, v * smp.w10);
+            if (smp.w11 != acc_t(0)) scatter_add(gi, scale, base + (smp.y0 + 1) * gi.sy + (smp.x0 + 1) * gi.sx, v * smp.w11);
+          }
+          if (offset_grads && smp.near)
+            deform_sample_grad_term<acc_t, scalar_t, int64_t>(x_img + c * e.x_sc, e.x_sy, e.x_sx,
+                                                              e.H, e.W, smp, d, &gy, &gx, &gm);
+        }
+      }
+      const bool og_ends = c1 >= e.C || c1 / e.cpo != og;
+      if (offset_grads && og_ends) {  // fixed order: channel half 0, then half 1
+        if (bh == 1) {
+          pair_sums[bp] = gy;
+          pair_sums[kBN + bp] = gx;
+          pair_sums[2 * kBN + bp] = gm;
+        }
+        __syncthreads();
+        if (bh == 0 && pp.valid) {
+          acc_t m;
+          s_img.sample(og, tap, pp.oh, pp.ow, &m);
+          gy += pair_sums[bp];
+          gx += pair_sums[kBN + bp];
+          gm += pair_sums[2 * kBN + bp];
+          const int64_t row = og * e.taps + tap, pix = pp.oh * e.Wo + pp.ow;
+          if (grad_offset != nullptr) {
+            const int64_t base = pp.n * 2 * (e.C / e.cpo) * e.taps * e.HoWo;
+            grad_offset[base + (2 * row) * e.HoWo + pix] = static_cast<scalar_t>(gy * m);
+            grad_offset[base + (2 * row + 1) * e.HoWo + pix] = static_cast<scalar_t>(gx * m);
+          }
+          if (grad_mask != nullptr)
+            grad_mask[pp.n * (e.C / e.cpo) * e.taps * e.HoWo + row * e.HoWo + pix] =
+                static_cast<scalar_t>(gm);
+        }
+        gy = gx = gm = 0;
+      }
+      __syncthreads();  // Ds and pair_sums are rewritten by the next slice
+      c0 = c1;
+    }
+  }
+#endif
+}
+
+
+// --- host side ------------------------------------------------------------------------------
+
+// The engine runs unless CONVOPS_CUDA_IMPL=plain or the GPU lacks bf16/TF32 tensor cores.
+inline bool implicit_gemm_enabled() {
+  return !env_is("CONVOPS_CUDA_IMPL", "plain") && device_has_tensor_cores();
+}
+
+// fp16/bf16 always on tensor cores; fp32 as F.conv2d decides (cudnn.allow_tf32); fp64 never.
+template <typename scalar_t>
+bool uses_tensor_cores() {
+  if (std::is_same<scalar_t, double>::value) return false;
+  if (std::is_same<scalar_t, float>::value) return at::globalContext().allowTF32CuDNN();
+  return true;
+}
+
+// Calls f(std::integral_constant<bool, kMma>) with the math this dtype uses.
+template <typename scalar_t, typename F>
+void with_math(const F& f) {
+  if constexpr (std::is_same<scalar_t, double>::value) {
+    f(std::false_type());
+  } else if constexpr (std::is_same<scalar_t, float>::value) {
+    if (uses_tensor_cores<float>()) f(std::true_type());
+    else f(std::false_type());
+  } else {
+    f(std::true_type());
+  }
+}
+
+inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
+                                  const at::Tensor& o) {
+  EngineParams e;
+  e.N = g.N; e.C = g.C; e.H = g.H; e.W = g.W; e.OC = g.OC; e.taps = g.taps(); e.kw = g.kw;
+  e.Cg = g.channels_per_group(); e.OCg = g.out_channels_per_group(); e.groups = g.groups;
+  e.cpo = g.channels_per_offset_group(); e.Ho = g.Ho; e.Wo = g.Wo; e.HoWo = g.Ho * g.Wo;
+  e.n0 = 0; e.n1 = g.N;
+  e.x_sn = x.stride(0); e.x_sc = x.stride(1); e.x_sy = x.stride(2); e.x_sx = x.stride(3);
+  e.o_sn = o.stride(0); e.o_sc = o.stride(1); e.o_sy = o.stride(2); e.o_sx = o.stride(3);
+  e.out_channels_last = o.stride(1) == 1 && g.OC > 1;
+  e.splits = 1;
+  return e;
+}
+
+inline Dim3 checked_grid(const char* name, int64_t x, int64_t y, int64_t z) {
+  TORCH_CHECK(x <= kMaxGridX && y <= kMaxGridYZ && z <= kMaxGridYZ, "convops: ", name,
+              ": the problem needs a grid of (", x, ", ", y, ", ", z,
+              ") blocks, beyond the device limits");
+  return Dim3(x, y, z);
+}
+
+template <typename scalar_t, typename Sampler>
+void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
+                       const at::Tensor& bias, const DeformGeometry& g, const Sampler& sampler,
+                       at::Tensor& out) {
+  const at::Tensor w_okc = weight.permute({0, 2, 3, 1}).contiguous();  // (OC, kh, kw, Cg)
+  const EngineParams e = engine_params(g, input, out);
+  const Dim3 grid = checked_grid("igemm_forward", blocks_for(g.N * e.HoWo, kBN),
+                                 blocks_for(e.OCg, kBM), g.groups);
+  with_math<scalar_t>([&](auto mma) {
+    constexpr bool kMma = decltype(mma)::value;
+    launch_kernel("igemm_forward", igemm_forward<scalar_t, kMma, Sampler>,
+                  {grid, Dim3(kIgThreads), TileLayout<scalar_t, kBM>::bytes, kIgThreads},
+                  input.const_data_ptr<scalar_t>(), w_okc.const_data_ptr<scalar_t>(),
+                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                  out.mutable_data_ptr<scalar_t>(), sampler, e);
+  });
+}
+
+// grad_weight (OC, Cg, kh, kw), contiguous, overwritten.
+template <typename scalar_t, typename Sampler>
+void igemm_weight_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
+                           const DeformGeometry& g, const Sampler& sampler,
+                           at::Tensor& grad_weight) {
+  using acc_t = at::opmath_type<scalar_t>;
+  EngineParams e = engine_params(g, input, grad_output);
+  const int64_t tiles_x = g.taps() * blocks_for(e.Cg, kBN), tiles_y = blocks_for(e.OCg, kBM);
+  const int64_t slices = blocks_for(g.N * e.HoWo, kBK);
+  // Splits depend on the shapes only, so the summation order is the same on every run.
+  const int64_t wanted = blocks_for(kWgTargetBlocks, tiles_x * tiles_y * g.groups);
+  e.splits = std::max<int64_t>(
+      1, std::min({wanted, kMaxWgSplits, slices, kMaxGridYZ / g.groups}));
+  const at::Tensor partial =
+      at::empty({e.splits, g.OC, g.taps() * e.Cg},
+                input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const Dim3 grid = checked_grid("igemm_weight_grad", tiles_x, tiles_y, g.groups * e.splits);
+  with_math<scalar_t>([&](auto mma) {
+    constexpr bool kMma = decltype(mma)::value;
+    launch_kernel("igemm_weight_grad", igemm_weight_grad<scalar_t, kMma, Sampler>,
+                  {grid, Dim3(kIgThreads), TileLayout<scalar_t, kBM>::bytes, kIgThreads},
+                  input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                  partial.mutable_data_ptr<acc_t>(), sampler, e);
+  });
+  const int64_t total = g.OC * e.Cg * g.taps();
+  launch_kernel("igemm_weight_grad_reduce", igemm_weight_grad_reduce<scalar_t>,
+                {checked_grid("igemm_weight_grad_reduce", blocks_for(total, 256), 1, 1),
+                 Dim3(256), 0, 256},
+                partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+                g.OC, e.Cg, g.taps(), e.splits);
+}
+
+// Fixed-point units per 1.0 for the deterministic input-gradient scatter, as a device scalar:
+// 2^(62 - ceil(log2 B)) with B a bound on |grad_input| (file header).
+inline at::Tensor fixed_point_scale(const at::Tensor& grad_output, const at::Tensor& weight,
+                                    const c10::optional<at::Tensor>& mask,
+                                    const DeformGeometry& g) {
+  at::Tensor bound = grad_output.abs().amax().to(at::kDouble)
+                         .mul(weight.abs().to(at::kDouble).sum(0).amax())
+                         .mul(static_cast<double>(g.taps() * g.Ho * g.Wo));
+  if (mask.has_value() && mask->defined() && mask->numel() > 0)
+    bound = bound.mul(mask->abs().amax().to(at::kDouble));
+  return at::exp2(at::ceil(at::log2(bound.clamp_min(std::ldexp(1.0, -900)))).neg().add(62.0));
+}
+
+// grad_input (input's layout; undefined when not wanted), grad_offset and grad_mask
+// (contiguous; undefined when not wanted).
+template <typename scalar_t, typename Sampler>
+void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
+                         const at::Tensor& weight, const c10::optional<at::Tensor>& mask,
+                         const DeformGeometry& g, const Sampler& sampler, at::Tensor grad_input,
+                         at::Tensor grad_offset, at::Tensor grad_mask) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+  const bool want_input = grad_input.defined() && grad_input.numel() > 0;
+  const bool deterministic = at::globalContext().deterministicAlgorithms();
+  const bool direct = want_input && !deterministic && std::is_same<scalar_t, acc_t>::value;
+  const at::Tensor w_gkco = weight.reshape({g.groups, g.out_channels_per_group(),
+                                            g.channels_per_group(), g.taps()})
+                                .permute({0, 3, 2, 1}).contiguous();  // (G, taps, Cg, OCg)
+  EngineParams e = engine_params(g, input, grad_output);
+  using Layout = TileLayout<scalar_t, kBK>;
+  const int64_t smem = Layout::ab_bytes + Layout::c_bytes;
+  at::Tensor scale;
+  if (want_input && deterministic) scale = fixed_point_scale(grad_output, weight, mask, g);
+  // The accumulation buffer (fp32 or fixed point) covers at most kAccumBudget elements.
+  const int64_t image_elems = g.C * g.H * g.W;
+  const int64_t chunk = (want_input && !direct)
+                            ? std::max<int64_t>(1, std::min(g.N, kAccumBudget / image_elems))
+                            : g.N;
+  at::Tensor buffer;
+  if (want_input && !direct) {
+    buffer = at::empty({chunk, g.C, g.H, g.W},
+                       input.options().dtype(deterministic ? at::kLong : acc_type),
+                       layout_of(prefers_channels_last(input)));
+  }
+  if (direct) grad_input.zero_();
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    e.n0 = n0;
+    e.n1 = std::min(g.N, n0 + chunk);
+    GradInputTarget<acc_t> gi{nullptr, nullptr, nullptr, 0, 0, 0, 0};
+    const at::Tensor& target = direct ? grad_input : buffer;
+    if (want_input) {
+      target.zero_();
+      gi.sn = target.stride(0); gi.sc = target.stride(1);
+      gi.sy = target.stride(2); gi.sx = target.stride(3);
+      if (deterministic) {
+        gi.fixed = reinterpret_cast<unsigned long long*>(target.mutable_data_ptr<int64_t>());
+        gi.scale = scale.const_data_ptr<double>();
+      } else {
+        gi.values = target.mutable_data_ptr<acc_t>();
+      }
+    }
+    const Dim3 grid = checked_grid("igemm_data_grad", blocks_for((e.n1 - e.n0) * e.HoWo, kBN),
+                                   1, 1);
+    with_math<scalar_t>([&](auto mma) {
+      constexpr bool kMma = decltype(mma)::value;
+      launch_kernel("igemm_data_grad", igemm_data_grad<scalar_t, kMma, Sampler>,
+                    {grid, Dim3(kIgThreads), smem, kIgThreads},
+                    input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                    w_gkco.const_data_ptr<scalar_t>(), sampler, e, gi,
+                    grad_offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
+                    grad_mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
+    });
+    if (want_input && !direct) {
+      const at::Tensor part = buffer.narrow(0, 0, e.n1 - e.n0);
+      at::Tensor dst = grad_input.narrow(0, e.n0, e.n1 - e.n0);
+      if (deterministic) {  // non-finite inputs make the scale 0 or NaN: the result is NaN
+        dst.copy_(at::where(scale.gt(0), part.to(at::kDouble).div(scale),
+                            at::full({}, std::nan(""), scale.options())));
+      } else {
+        dst.copy_(part);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace convops
