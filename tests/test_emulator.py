@@ -1,6 +1,7 @@
 """The CUDA emulator itself: it runs kernels right, and it catches the mistakes a GPU punishes
 (missing barrier, shuffle after some lanes returned, unwritten shared memory, out-of-bounds
 global read, illegal launches). Its test kernels live in csrc/emu/selftest.cpp."""
+import itertools
 import os
 import pathlib
 import re
@@ -206,7 +207,8 @@ def _run_every_path(monkeypatch):
                 convops.depthwise_conv2d(inp, dw1, None, 1, 1).sum().backward()  # multiplier 1
     prev = torch.are_deterministic_algorithms_enabled()
     try:
-        for deterministic in (False, True):
+        for impl, deterministic in itertools.product(["tuned", "plain"], [False, True]):
+            monkeypatch.setenv("CONVOPS_CUDA_IMPL", impl)
             torch.use_deterministic_algorithms(deterministic)
             convops.dilated_conv2d(x, dil, None, 1, 2, 2, 2).sum().backward()
             convops.deform_conv2d(x, off, dcn, None, padding=1, mask=mask).sum().backward()
