@@ -22,6 +22,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DW_CU = "csrc/cuda/depthwise_conv2d.cu"
+IG_CUH = "csrc/cuda/implicit_gemm.cuh"
+IG_TESTS = ["tests/test_implicit_gemm.py"]
 DW_TESTS = ["tests/test_depthwise.py", "-k",
             "tuned_kernels or misaligned or large_kernels_gpu or huge_stride"]
 
@@ -105,6 +107,53 @@ MUTANTS = [
            "{&x, &w_hwc, &out})) return false;", "{&x, &out})) return false;"),
     Mutant("nchw-tile-plan-too-short", DW_CU,
            "t.tiles_h = (g.Ho + t.tile_h - 1) / t.tile_h;", "t.tiles_h = g.Ho / t.tile_h + (g.Ho < t.tile_h);"),
+    # --- CUDA implicit-GEMM engine (deformable and dilated) -----------------------------------
+    Mutant("igemm-fwd-weights-of-previous-tap", IG_CUH,
+           "? w_row[tap * e.Cg + (c - c_begin)]",
+           "? w_row[(tap > 0 ? tap - 1 : 0) * e.Cg + (c - c_begin)]", tuple(IG_TESTS)),
+    Mutant("igemm-fwd-drops-channel-tail", IG_CUH,
+           "for (int64_t c0 = c_begin; c0 < c_end; c0 += kBK) {",
+           "for (int64_t c0 = c_begin; c0 + kBK <= c_end || c0 == c_begin; c0 += kBK) {",
+           tuple(IG_TESTS)),
+    Mutant("igemm-fwd-missing-barrier", IG_CUH,
+           "      __syncthreads();  // the next slice overwrites the tiles\n", "",
+           tuple(IG_TESTS)),
+    Mutant("igemm-sample-of-first-offset-group", IG_CUH,
+           "if (og != og_cache) {", "if (og_cache < 0) {", tuple(IG_TESTS)),
+    Mutant("igemm-pixel-ignores-image-chunk", IG_CUH,
+           "p.n = e.n0 + q / e.HoWo;", "p.n = q / e.HoWo;", tuple(IG_TESTS)),
+    Mutant("igemm-fwd-bias-of-tile-row", IG_CUH,
+           "v += static_cast<acc_t>(bias[oc]);", "v += static_cast<acc_t>(bias[m0 + mm]);",
+           tuple(IG_TESTS)),
+    Mutant("igemm-mma-store-wrong-column", IG_CUH,
+           "acc[i][j], L::ldc);", "acc[i][j ^ 1], L::ldc);", tuple(IG_TESTS)),
+    Mutant("igemm-ffma-wrong-column", IG_CUH,
+           "b[j] = static_cast<acc_t>(Bs[(tn + 16 * j) * L::ld + k]);",
+           "b[j] = static_cast<acc_t>(Bs[(tn + 16 * (j & 1)) * L::ld + k]);", tuple(IG_TESTS)),
+    Mutant("igemm-wgrad-split-skips-a-slice", IG_CUH,
+           "for (int64_t s = s_begin; s < s_end; ++s) {",
+           "for (int64_t s = s_begin + (split > 0); s < s_end; ++s) {", tuple(IG_TESTS)),
+    Mutant("igemm-wgrad-reduce-drops-last-split", IG_CUH,
+           "for (int64_t s = 0; s < splits; ++s) sum +=",
+           "for (int64_t s = 0; s + 1 < splits; ++s) sum +=", tuple(IG_TESTS)),
+    Mutant("igemm-dgrad-corner-weight-swapped", IG_CUH,
+           "(smp.x0 + 1) * gi.sx, v * smp.w01);", "(smp.x0 + 1) * gi.sx, v * smp.w10);",
+           tuple(IG_TESTS)),
+    Mutant("igemm-dgrad-offset-pair-sign", IG_CUH,
+           "gy += pair_sums[bp];", "gy -= pair_sums[bp];", tuple(IG_TESTS)),
+    Mutant("igemm-dgrad-offset-group-never-ends", IG_CUH,
+           "const bool og_ends = c1 >= e.C || c1 / e.cpo != og;",
+           "const bool og_ends = c1 >= e.C;", tuple(IG_TESTS)),
+    Mutant("igemm-dgrad-fixed-point-unscaled", IG_CUH,
+           "llrint(static_cast<double>(v) * scale)", "llrint(static_cast<double>(v))",
+           tuple(IG_TESTS)),
+    Mutant("igemm-dgrad-one-out-channel", IG_CUH,
+           "(c < c1 && oc < e.OCg) ? wrow[oc]", "(c < c1 && oc < e.OCg) ? wrow[oc0]",
+           tuple(IG_TESTS)),
+    Mutant("igemm-dilated-skips-live-taps", IG_CUH,
+           "if (pp.valid && s_img.sample(0, tap, pp.oh, pp.ow, &m).inside) *flag = 1;",
+           "if (pp.valid && pp.oh == 0 && s_img.sample(0, tap, pp.oh, pp.ow, &m).inside) *flag = 1;",
+           tuple(IG_TESTS)),
 ]
 
 
@@ -140,10 +189,9 @@ def main(argv=None):
     tree = Path(args.tree)
     if not tree.exists():
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    for m in MUTANTS:  # the scratch tree gets today's sources and tests
-        shutil.copy(ROOT / m.path, tree / m.path)
-    shutil.copytree(ROOT / "tests", tree / "tests", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for folder in ("csrc", "tests"):  # the scratch tree gets today's sources and tests
+        shutil.copytree(ROOT / folder, tree / folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     log = tree / "mutate.log"
     assert _build(tree, log) == 0, f"the unmutated tree does not build: {log}"
     results = []

@@ -53,6 +53,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/deform.h"
@@ -525,6 +526,14 @@ inline bool implicit_gemm_enabled() {
   return !env_is("CONVOPS_CUDA_IMPL", "plain") && device_has_tensor_cores();
 }
 
+// Elements of the input-gradient accumulation buffer; CONVOPS_CUDA_ACCUM_BUDGET lowers it so
+// tests run the image chunks.
+inline int64_t accum_budget() {
+  const char* v = std::getenv("CONVOPS_CUDA_ACCUM_BUDGET");
+  const int64_t forced = v != nullptr ? std::atoll(v) : 0;
+  return forced > 0 ? std::min(forced, kAccumBudget) : kAccumBudget;
+}
+
 // fp16/bf16 always on tensor cores; fp32 as F.conv2d decides (cudnn.allow_tf32); fp64 never.
 template <typename scalar_t>
 bool uses_tensor_cores() {
@@ -653,7 +662,7 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
   // The accumulation buffer (fp32 or fixed point) covers at most kAccumBudget elements.
   const int64_t image_elems = g.C * g.H * g.W;
   const int64_t chunk = (want_input && !direct)
-                            ? std::max<int64_t>(1, std::min(g.N, kAccumBudget / image_elems))
+                            ? std::max<int64_t>(1, std::min(g.N, accum_budget() / image_elems))
                             : g.N;
   at::Tensor buffer;
   if (want_input && !direct) {

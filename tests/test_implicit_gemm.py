@@ -1,0 +1,133 @@
+"""The fused implicit-GEMM engine of CUDA deformable and dilated convolution
+(csrc/cuda/implicit_gemm.cuh), on the GPU when there is one and always in the emulator:
+realistic shapes that span several tiles (64 out-channels x 64 pixels, K-slices of 32
+channels) with tails everywhere, every dtype and layout, both scatter modes (fp32 atomics and
+fixed-point), TF32, the image-chunked input gradient, skipped padding taps, and the kernels
+asserted to have run."""
+import pytest
+import torch
+
+import convops
+import test_deform
+import test_dilated
+from conftest import TF32_TOLERANCE, DTYPES, requires_cuda, stable_seed
+from convops import emulator
+
+ENGINE_KERNELS = {"igemm_forward", "igemm_weight_grad", "igemm_weight_grad_reduce",
+                  "igemm_data_grad"}
+
+
+def _deform_cases():
+    base = dict(batch=2, og=2, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                size=(9, 10), mask=True, bias=True, offset_scale=2.0)
+    cases = []
+    for i, dtype in enumerate(DTYPES):
+        # 40 channels: one full K-slice of 32 plus a tail; 70 out-channels: a 64-row tile plus
+        # a tail; 2 x 90 pixels: three 64-pixel tiles, one of them across the image boundary.
+        cases.append(dict(base, channels=40, out_per_group=70, groups=1, channels_last=i % 2 == 0,
+                          dtype=dtype))
+    # groups and offset groups that cut K-slices (Cg = 12, 6 channels per offset group), a
+    # non-square strided dilated kernel, no mask.
+    cases.append(dict(base, channels=24, out_per_group=5, groups=2, og=4, kernel=(2, 3),
+                      stride=(2, 1), padding=(1, 2), dilation=(2, 1), size=(13, 11), mask=False,
+                      channels_last=True, dtype=torch.float32))
+    cases.append(dict(base, channels=17, out_per_group=33, groups=1, og=1, size=(16, 13),
+                      mask=True, offset_scale=8.0, channels_last=False, dtype=torch.bfloat16))
+    return cases
+
+
+def _dilated_cases():
+    base = dict(batch=2, groups=1, kernel=(3, 3), stride=(1, 1), bias=True)
+    cases = []
+    for i, dtype in enumerate(DTYPES):
+        cases.append(dict(base, channels=40, out=70, padding=(2, 2), dilation=(2, 2),
+                          size=(10, 9), channels_last=i % 2 == 1, dtype=dtype))
+    # ASPP-like: dilation 12 on a 14 x 14 map, most taps of most tiles land in the padding.
+    cases.append(dict(base, channels=33, out=16, padding=(12, 12), dilation=(12, 12),
+                      size=(14, 14), channels_last=True, dtype=torch.float16))
+    cases.append(dict(base, channels=18, out=12, groups=3, padding=(1, 3), dilation=(1, 3),
+                      stride=(2, 1), size=(11, 12), channels_last=False, dtype=torch.float32))
+    return cases
+
+
+def _engine_ran(before):
+    after = emulator.launch_counts()
+    return {k for k, v in after.items() if v > before.get(k, 0)}
+
+
+def _run(check, case, gpu):
+    before = emulator.launch_counts()
+    check(case, gpu.device)
+    if gpu.emulated:
+        ran = _engine_ran(before)
+        assert ENGINE_KERNELS <= ran, f"engine kernels not run: {ENGINE_KERNELS - ran}"
+        assert not {"gather_im2col", "gather_col2im_atomic", "gather_col2im_ordered"} & ran
+
+
+@pytest.mark.parametrize("case", _deform_cases(), ids=str)
+def test_deform_engine(case, deterministic_mode, gpu):
+    _run(lambda c, d: test_deform._check(c, d, test_deform.reference), case, gpu)
+
+
+@pytest.mark.parametrize("case", _dilated_cases(), ids=str)
+def test_dilated_engine(case, deterministic_mode, gpu):
+    _run(test_dilated._check, case, gpu)
+
+
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_input_gradient_in_image_chunks(op, deterministic_mode, gpu, monkeypatch):
+    # A budget of one image per launch: the accumulation buffer is reused image by image.
+    case = _deform_cases()[2] if op == "deform" else _dilated_cases()[2]  # float16
+    per_image = case["channels"] * case["size"][0] * case["size"][1]
+    monkeypatch.setenv("CONVOPS_CUDA_ACCUM_BUDGET", str(per_image))
+    check = (lambda c, d: test_deform._check(c, d, test_deform.reference)) if op == "deform" \
+        else test_dilated._check
+    _run(check, dict(case, batch=3), gpu)
+
+
+def test_tf32_follows_cudnn_allow_tf32(gpu):
+    # fp32 runs on TF32 tensor cores exactly when torch.backends.cudnn.allow_tf32 says so, as
+    # F.conv2d does: within TF32's tolerance then, and at fp32 precision otherwise.
+    g = torch.Generator().manual_seed(stable_seed("tf32"))
+    x = torch.randn(2, 64, 12, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(32, 64, 3, 3, generator=g, dtype=torch.float64)
+    ref = torch.nn.functional.conv2d(x, w, None, 1, 2, 2)
+    errors = {}
+    for allow in (False, True):
+        torch.backends.cudnn.allow_tf32 = allow
+        out = convops.dilated_conv2d(x.float().to(gpu.device), w.float().to(gpu.device), None,
+                                     1, 2, 2)
+        errors[allow] = (out.double().cpu() - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    assert errors[False] <= 1e-6 + 1e-5 * scale, errors
+    assert errors[True] <= TF32_TOLERANCE[0] + TF32_TOLERANCE[1] * scale, errors
+    assert errors[True] > 10 * errors[False], errors  # TF32 did run
+
+
+@requires_cuda
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_peak_extra_memory_does_not_grow_with_batch(op, monkeypatch):
+    # Beyond inputs and outputs, the engine allocates O(tiles) plus a bounded accumulation
+    # buffer: with a small budget, batch 4 and batch 16 need the same extra memory.
+    monkeypatch.setenv("CONVOPS_CUDA_ACCUM_BUDGET", str(1 << 16))
+    extras = []
+    for n in (4, 16):
+        g = torch.Generator(device="cuda").manual_seed(n)
+        x = torch.randn(n, 32, 24, 24, device="cuda", dtype=torch.float16, generator=g,
+                        requires_grad=True)
+        w = torch.randn(32, 32, 3, 3, device="cuda", dtype=torch.float16, generator=g,
+                        requires_grad=True)
+        off = torch.randn(n, 18, 24, 24, device="cuda", dtype=torch.float16, generator=g,
+                          requires_grad=True)
+        call = (lambda: convops.deform_conv2d(x, off, w, padding=1)) if op == "deform" \
+            else (lambda: convops.dilated_conv2d(x, w, None, 1, 2, 2))
+        out = call()
+        go = torch.randn_like(out)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grads = torch.autograd.grad(out, [x, w] + ([off] if op == "deform" else []), go)
+        torch.cuda.synchronize()
+        outputs = sum(t.numel() * t.element_size() for t in grads)
+        extras.append(torch.cuda.max_memory_allocated() - base - outputs)
+    assert extras[1] <= extras[0] + (1 << 20), extras
