@@ -32,11 +32,18 @@ from typing import Dict, List, Optional, Tuple
 DEFAULT_ARCH = "sm_90"
 # Rule 2: kernel -> dtypes whose every instantiation must issue a 16-byte global load; these
 # fp16/bf16 kernels are memory-bound and only reach bandwidth with 128-bit vector loads.
-REQUIRED_VECTOR_LOADS = {"depthwise_forward_nhwc_vec": ("float16", "bfloat16")}
+# The implicit-GEMM engine's gathers read channels_last inputs in 16-byte channel packs.
+REQUIRED_VECTOR_LOADS = {"depthwise_forward_nhwc_vec": ("float16", "bfloat16"),
+                         "igemm_forward": ("float16", "bfloat16"),
+                         "igemm_weight_grad": ("float16", "bfloat16")}
 # Rule 3: kernels that must be bit-reproducible (deterministic mode, GUIDE §2): no float atomics.
-DETERMINISTIC_PREFIXES = ("depthwise_weight_grad",)
-# Rule 4: the only kernels allowed float atomics (the non-deterministic fast scatter path).
-FLOAT_ATOMIC_ALLOWED = ("gather_col2im_atomic",)
+DETERMINISTIC_PREFIXES = ("depthwise_weight_grad", "igemm_weight_grad", "igemm_data_grad_fixed")
+# Rule 4: the only kernels allowed float atomics (the non-deterministic fast scatter paths).
+FLOAT_ATOMIC_ALLOWED = ("gather_col2im_atomic", "igemm_data_grad_atomic")
+# Rule 5: kernel -> dtypes whose every instantiation must issue tensor-core MMAs (HMMA).
+REQUIRED_MMA = {name: ("float16", "bfloat16") for name in
+                ("igemm_forward", "igemm_weight_grad", "igemm_data_grad_atomic",
+                 "igemm_data_grad_fixed")}
 # Rules 3-4 also count CAS atomics: on sm_90 atomicAdd on a half or bfloat16 scalar, and a float
 # atomicAdd on shared memory, compile to CAS loops, not to typed float atomics (checked, nvcc 13).
 CAS_COUNTS_AS_FLOAT_ATOMIC = True
@@ -305,6 +312,15 @@ def check(kernels: List[Kernel]) -> List[str]:
             if not i.counts.get("ldg128", 0):
                 problems.append(f"rule 2 (16-byte loads): {label(k, i)} has no 128-bit "
                                 f"global load (LDG*.128)")
+    for name, dtypes in REQUIRED_MMA.items():  # rule 5
+        k = by_name.get(name)
+        wanted = [i for i in k.instantiations if i.dtype in dtypes] if k is not None else []
+        if not wanted:
+            problems.append(f"rule 5 (tensor cores): kernel {name} has no "
+                            f"{'/'.join(dtypes)} instantiation")
+        for i in wanted:
+            if not i.counts.get("hmma", 0):
+                problems.append(f"rule 5 (tensor cores): {label(k, i)} has no HMMA")
     for k in kernels:  # rules 3 and 4
         deterministic = k.name.startswith(DETERMINISTIC_PREFIXES)
         for i in k.instantiations:

@@ -25,18 +25,20 @@ def _weights(device):
 
 
 OPS = {
-    "depthwise": lambda x, off, mask, w: convops.depthwise_conv2d(x, w, None, 1, 2),
-    "dilated": lambda x, off, mask, w: convops.dilated_conv2d(x, w, None, 1, 3, 3, 2),
-    "deform": lambda x, off, mask, w: convops.deform_conv2d(x, off, w, padding=1, mask=mask),
+    "depthwise": lambda x, off, mask, w, b: convops.depthwise_conv2d(x, w, b[:32], 1, 2),
+    "dilated": lambda x, off, mask, w, b: convops.dilated_conv2d(x, w, b[:8], 1, 3, 3, 2),
+    "deform": lambda x, off, mask, w, b: convops.deform_conv2d(x, off, w, b[:8], padding=1,
+                                                               mask=mask),
 }
 
 
 def _run(op, device):
-    """Output and every gradient (input, offset, mask, weight) of one call."""
+    """Output and every gradient (input, offset, mask, weight, bias) of one call."""
     x, off, mask = _inputs(device)
     w = _weights(device)[op]
-    out = OPS[op](x, off, mask, w)
-    leaves = [x, off, mask, w] if op == "deform" else [x, w]
+    b = torch.randn(32, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
+    out = OPS[op](x, off, mask, w, b)
+    leaves = [x, off, mask, w, b] if op == "deform" else [x, w, b]
     grads = torch.autograd.grad(out.square().sum(), leaves)
     return (out.detach(),) + grads
 

@@ -208,7 +208,7 @@ def test_report_groups_instantiations(demangled):
     assert "| spill | 1 | - | 32 | 0 | 0 | 656 | 0 | 0 | 4 (1/1) | 0 | 0 |" in table
 
 
-def test_check_reports_every_violation():
+def test_check_reports_every_violation(depthwise_rules):
     problems = sass.check(sass.build_report(RESOURCE_USAGE, SASS, "sm_90", DEMANGLED))
     assert problems == [
         "rule 1 (no spills): spill: LOCAL 0 bytes, STACK 656 bytes, 4 STL/LDL instructions",
@@ -234,7 +234,35 @@ def _only(*names):
     return keep(RESOURCE_USAGE, "Function"), keep(SASS, "Function")
 
 
-def test_check_missing_required_kernel_and_clean_build():
+@pytest.fixture
+def depthwise_rules(monkeypatch):
+    """The synthetic report holds depthwise and plain-engine kernels only: check it against
+    the rules about those."""
+    monkeypatch.setattr(sass, "REQUIRED_VECTOR_LOADS",
+                        {"depthwise_forward_nhwc_vec": ("float16", "bfloat16")})
+    monkeypatch.setattr(sass, "REQUIRED_MMA", {})
+
+
+def test_check_tensor_core_rule(depthwise_rules, monkeypatch):
+    kernels = sass.build_report(*_only(COL2IM, GEMM, VEC_HALF), "sm_90", DEMANGLED)
+    monkeypatch.setattr(sass, "REQUIRED_MMA", {"tiled_gemm": ("float32",)})
+    assert sass.check(kernels) == []
+    monkeypatch.setattr(sass, "REQUIRED_MMA", {"depthwise_forward_nhwc_vec": ("float16",)})
+    assert sass.check(kernels) == [
+        "rule 5 (tensor cores): depthwise_forward_nhwc_vec<c10::Half, int> has no HMMA"]
+    monkeypatch.setattr(sass, "REQUIRED_MMA", {"igemm_forward": ("float16",)})
+    assert sass.check(kernels) == [
+        "rule 5 (tensor cores): kernel igemm_forward has no float16 instantiation"]
+
+
+def test_engine_rules_name_the_engine_kernels():
+    assert set(sass.REQUIRED_MMA) == {"igemm_forward", "igemm_weight_grad",
+                                      "igemm_data_grad_atomic", "igemm_data_grad_fixed"}
+    assert "igemm_data_grad_fixed" in sass.DETERMINISTIC_PREFIXES
+    assert "igemm_data_grad_atomic" in sass.FLOAT_ATOMIC_ALLOWED
+
+
+def test_check_missing_required_kernel_and_clean_build(depthwise_rules):
     kernels = sass.build_report(*_only(COL2IM, GEMM), "sm_90", DEMANGLED)
     assert sass.check(kernels) == ["rule 2 (16-byte loads): kernel depthwise_forward_nhwc_vec "
                                    "not found"]
@@ -242,7 +270,7 @@ def test_check_missing_required_kernel_and_clean_build():
     assert sass.check(kernels) == []
 
 
-def test_check_atomics_outside_allow_list(monkeypatch):
+def test_check_atomics_outside_allow_list(depthwise_rules, monkeypatch):
     kernels = sass.build_report(*_only(COL2IM, VEC_HALF), "sm_90", DEMANGLED)
     monkeypatch.setattr(sass, "FLOAT_ATOMIC_ALLOWED", ("tiled_gemm",))
     assert sass.check(kernels) == [
@@ -254,7 +282,7 @@ def test_check_atomics_outside_allow_list(monkeypatch):
                                       "has no bfloat16 instantiation")
 
 
-def test_main_check(tmp_path, monkeypatch, capsys):
+def test_main_check(tmp_path, monkeypatch, capsys, depthwise_rules):
     so = tmp_path / "_C.so"
     so.write_bytes(b"")
     monkeypatch.setattr(sass, "demangle", lambda names: DEMANGLED)
