@@ -44,9 +44,10 @@ def parse_args(argv=None):
     p.add_argument("--plot", metavar="PATH.png")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--model", action="store_true",
-                   help="print the H100 bytes/FLOPs model of the CUDA depthwise kernels for the "
-                        "selected GPU cases and exit (predictions: nothing is timed, no GPU "
-                        "needed; default: the depthwise suite)")
+                   help="print the H100 bytes/FLOPs model of the CUDA kernels for the selected "
+                        "GPU cases and exit (predictions: nothing is timed, no GPU needed; "
+                        "default: the depthwise suite; --suite deform/dilated for the implicit "
+                        "GEMM vs torchvision / cuDNN)")
     return p.parse_args(argv)
 
 
@@ -113,27 +114,46 @@ def select_cases(args, cases):
 
 
 def run_model(args):
-    from . import model
+    import json
+    from . import model, model_gemm
     cases = cases_mod.GPU_CASES  # the model is of the GPU kernels: always the GPU shapes
     if not (args.suite or args.case):
         cases = [c for c in cases if c.suite == "depthwise"]
     cases = select_cases(args, cases)
-    skipped = [c.name for c in cases if c.suite != "depthwise"]
-    if skipped:
-        print(f"--model covers the depthwise kernels only; skipping {', '.join(skipped)}",
-              file=sys.stderr)
-    cases = [c for c in cases if c.suite == "depthwise"]
     if not cases:
-        sys.exit("--model: no depthwise case selected")
-    rows = model.model_rows(cases, args.dtype or list(DTYPES),
-                            args.layout or ["nchw", "channels_last"], args.passes or PASSES)
-    print(model.text_table(rows))
-    print("\n".join(model.legend()))
+        sys.exit("--model: no case selected")
+    dtypes = args.dtype or list(DTYPES)
+    layouts = args.layout or ["nchw", "channels_last"]
+    passes = [p for p in (args.passes or PASSES) if p in model_gemm.MODEL_PASSES]
+    if not passes:
+        sys.exit(f"--model models the passes {', '.join(model_gemm.MODEL_PASSES)}")
+    out, md = {}, []
+    depthwise = [c for c in cases if c.suite == "depthwise"]
+    if depthwise:
+        rows = model.model_rows(depthwise, dtypes, layouts, passes)
+        print(model.text_table(rows))
+        print("\n".join(model.legend()))
+        out["depthwise"] = {"schema": "convops-model/1", "assumptions": model.legend(),
+                            "rows": rows}
+        md.append(model.markdown(rows))
+    gemm = [c for c in cases if c.suite != "depthwise"]
+    if gemm:
+        rows = model_gemm.model_rows(gemm, dtypes, layouts, passes)
+        if depthwise:
+            print()
+        print(model_gemm.text_table(rows))
+        print("\n".join(model_gemm.legend()))
+        out["gemm"] = model_gemm.to_json(rows)
+        md.append(model_gemm.markdown(rows))
     if args.json:
-        model.write_json(args.json, rows)
+        # one family keeps its own schema at the top level; both: one object per family
+        data = next(iter(out.values())) if len(out) == 1 else {"schema": "convops-model/2",
+                                                               **out}
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(model.markdown(rows))
+            f.write("\n".join(md))
     return 0
 
 
