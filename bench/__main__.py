@@ -3,7 +3,8 @@
 Examples:
   python -m bench --quick                       # a minute on a laptop CPU
   python -m bench --device cuda --json r.json --markdown r.md --plot r.png
-  ncu --target-processes all python -m bench --case replknet-31x31-128@56 --once
+  ncu --nvtx --nvtx-include "regex:.*/fwd/convops/" --target-processes all \
+      python -m bench --device cuda --case replknet-31x31-128@56 --ops fwd --once
   python -m bench --model --dtype fp16         # H100 bytes/FLOPs model, no GPU, no timing
 """
 import argparse
@@ -19,7 +20,6 @@ import torch
 from . import cases as cases_mod
 from . import report
 from .metrics import PASSES
-from .timing import copy_bandwidth, matmul_flops
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -37,16 +37,24 @@ def parse_args(argv=None):
     p.add_argument("--layout", action="append", choices=["nchw", "channels_last"])
     p.add_argument("--batch", type=int, help="override every case's N (memory scaling runs)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
-    p.add_argument("--once", action="store_true", help="run each selected call once (ncu)")
-    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per case")
+    p.add_argument("--tf32", choices=["off", "on"], default="off",
+                   help="TF32 policy for fp32 rows, applied to convops and every baseline alike "
+                        "(sets cudnn.allow_tf32 and cuda.matmul.allow_tf32; default off)")
+    p.add_argument("--once", action="store_true",
+                   help="run each selected call once in an NVTX range (ncu): no probes, no "
+                        "correctness gate, no timing")
+    p.add_argument("--profile", metavar="DIR",
+                   help="write a torch.profiler trace per case instead of timing (calls run "
+                        "once; nothing is saved as a timing)")
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--markdown", metavar="PATH")
     p.add_argument("--plot", metavar="PATH.png")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--model", action="store_true",
-                   help="print the H100 bytes/FLOPs model of the CUDA depthwise kernels for the "
-                        "selected GPU cases and exit (predictions: nothing is timed, no GPU "
-                        "needed; default: the depthwise suite)")
+                   help="print the H100 bytes/FLOPs model of the CUDA kernels for the selected "
+                        "GPU cases and exit (predictions: nothing is timed, no GPU needed; "
+                        "default: the depthwise suite; --suite deform/dilated for the implicit "
+                        "GEMM vs torchvision / cuDNN)")
     return p.parse_args(argv)
 
 
@@ -113,35 +121,83 @@ def select_cases(args, cases):
 
 
 def run_model(args):
-    from . import model
+    import json
+    from . import model, model_gemm
     cases = cases_mod.GPU_CASES  # the model is of the GPU kernels: always the GPU shapes
     if not (args.suite or args.case):
         cases = [c for c in cases if c.suite == "depthwise"]
     cases = select_cases(args, cases)
-    skipped = [c.name for c in cases if c.suite != "depthwise"]
-    if skipped:
-        print(f"--model covers the depthwise kernels only; skipping {', '.join(skipped)}",
-              file=sys.stderr)
-    cases = [c for c in cases if c.suite == "depthwise"]
     if not cases:
-        sys.exit("--model: no depthwise case selected")
-    rows = model.model_rows(cases, args.dtype or list(DTYPES),
-                            args.layout or ["nchw", "channels_last"], args.passes or PASSES)
-    print(model.text_table(rows))
-    print("\n".join(model.legend()))
+        sys.exit("--model: no case selected")
+    dtypes = args.dtype or list(DTYPES)
+    layouts = args.layout or ["nchw", "channels_last"]
+    passes = [p for p in (args.passes or PASSES) if p in model_gemm.MODEL_PASSES]
+    if not passes:
+        sys.exit(f"--model models the passes {', '.join(model_gemm.MODEL_PASSES)}")
+    out, md = {}, []
+    depthwise = [c for c in cases if c.suite == "depthwise"]
+    if depthwise:
+        rows = model.model_rows(depthwise, dtypes, layouts, passes)
+        print(model.text_table(rows))
+        print("\n".join(model.legend()))
+        out["depthwise"] = {"schema": "convops-model/1", "assumptions": model.legend(),
+                            "rows": rows}
+        md.append(model.markdown(rows))
+    gemm = [c for c in cases if c.suite != "depthwise"]
+    if gemm:
+        rows = model_gemm.model_rows(gemm, dtypes, layouts, passes)
+        if depthwise:
+            print()
+        print(model_gemm.text_table(rows))
+        print("\n".join(model_gemm.legend()))
+        out["gemm"] = model_gemm.to_json(rows)
+        md.append(model_gemm.markdown(rows))
     if args.json:
-        model.write_json(args.json, rows)
+        # one family keeps its own schema at the top level; both: one object per family
+        data = next(iter(out.values())) if len(out) == 1 else {"schema": "convops-model/2",
+                                                               **out}
+        with open(args.json, "w") as f:
+            json.dump(data, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(model.markdown(rows))
+            f.write("\n".join(md))
     return 0
+
+
+def apply_tf32_policy(policy: str) -> dict:
+    """Set both TF32 flags to the policy; returns the previous flags (for restore)."""
+    before = {"cudnn": torch.backends.cudnn.allow_tf32,
+              "matmul": torch.backends.cuda.matmul.allow_tf32}
+    torch.backends.cudnn.allow_tf32 = policy == "on"
+    torch.backends.cuda.matmul.allow_tf32 = policy == "on"
+    return before
+
+
+def policy_line(policy: str) -> str:
+    return (f"TF32 policy: {policy} for fp32 rows (torch.backends.cudnn.allow_tf32="
+            f"{torch.backends.cudnn.allow_tf32}, torch.backends.cuda.matmul.allow_tf32="
+            f"{torch.backends.cuda.matmul.allow_tf32}), the same for convops (follows the cuDNN "
+            "flag) and every baseline")
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.model:
         return run_model(args)
+    if args.profile and (args.json or args.markdown or args.plot):
+        sys.exit("--profile writes traces only: profiler runs are never saved as timings "
+                 "(drop --json/--markdown/--plot)")
+    before = apply_tf32_policy(args.tf32)
+    try:
+        return _run(args)
+    finally:
+        torch.backends.cudnn.allow_tf32 = before["cudnn"]
+        torch.backends.cuda.matmul.allow_tf32 = before["matmul"]
+
+
+def _run(args):
     from .runner import measure_deferred_memory, run_case  # imports convops
+    from .timing import ceilings
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -165,13 +221,27 @@ def main(argv=None):
     settings = ({"warmup": 1, "repeats": 3, "min_seconds": 0.05} if args.quick else
                 {"warmup": 3, "repeats": 10 if device == "cuda" else 5,
                  "min_seconds": 0.3 if device == "cuda" else 0.2})
+    once = args.once or bool(args.profile)
 
     meta = metadata(device, args.quick)
-    meta["copy_bandwidth_Bps"] = copy_bandwidth(device)
-    meta["matmul_flops"] = matmul_flops(device, torch.float32)
+    meta.update(tf32_policy=args.tf32, cudnn_allow_tf32=torch.backends.cudnn.allow_tf32,
+                matmul_allow_tf32=torch.backends.cuda.matmul.allow_tf32, once=once)
+    # --once / --profile: no bandwidth or matmul probes (they would flood an ncu run)
+    ceil = ceilings(device, meta["device_name"], dtypes, args.tf32 == "on", probe=not once)
+    meta["copy_bandwidth_Bps"] = ceil["copy_Bps"]
+    meta["copy_bandwidth_source"] = ceil["copy_source"]
+    meta["peak_flops"] = ceil["flops"]
+    if device == "cuda" and not once:
+        from .timing import MAX_BATCH, TARGET_BATCH_S
+        meta["timing"] = (f"CUDA events around up to {MAX_BATCH} back-to-back calls (a batch of "
+                          f"~{TARGET_BATCH_S * 1e3:.0f} ms) behind a sleep kernel, L2 flushed "
+                          "(2x L2 written) before every batch, input sets rotated; host_s = "
+                          "host enqueue time per call, reported separately")
+    bw = meta["copy_bandwidth_Bps"]
     print(f"convops bench on {meta['device_name']} ({device}), torch {meta['torch']}, "
-          f"threads {meta['threads']}, copy bandwidth {meta['copy_bandwidth_Bps'] / 1e9:.1f} "
-          f"GB/s", flush=True)
+          f"threads {meta['threads']}, copy bandwidth "
+          f"{f'{bw / 1e9:.1f} GB/s' if bw else 'not probed'}", flush=True)
+    print(policy_line(args.tf32), flush=True)
 
     jobs = [(c, dt, lay) for c in selected for dt in dtypes for lay in layouts]
     try:
@@ -181,12 +251,12 @@ def main(argv=None):
         progress = jobs
     rows = []
     # CPU peak memory needs a pinned malloc threshold that would skew timings: measured after.
-    deferred = [] if device == "cpu" else None
+    deferred = [] if device == "cpu" and not once else None
     for case, dtype, layout in progress:
         if hasattr(progress, "set_postfix_str"):
             progress.set_postfix_str(f"{case.name} {str(dtype)[6:]} {layout}")
         run = lambda: run_case(case, dtype, device, layout == "channels_last",  # noqa: E731
-                               passes, settings, once=args.once, deferred_memory=deferred)
+                               passes, settings, once=once, deferred_memory=deferred)
         if args.profile:
             os.makedirs(args.profile, exist_ok=True)
             with torch.profiler.profile() as prof:
@@ -201,6 +271,7 @@ def main(argv=None):
     print(report.text_table(rows, meta["copy_bandwidth_Bps"]))
     for key, value in sorted(report.geomeans(rows).items()):
         print(f"geomean {key}: {value:.2f}x")
+    print(policy_line(args.tf32))
     if args.json:
         report.write_json(args.json, rows, meta)
     if args.markdown:

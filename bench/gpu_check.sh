@@ -49,7 +49,8 @@ for step in $steps; do
     tests) run_step tests python -m pytest -q -p no:cacheprovider -rs tests ;;
     sanitizer) run_step sanitizer sanitize ;;
     bench)
-      run_step bench python -m bench --device cuda --json "$out/bench.json" \
+      # fp32 rows with TF32 off on every side (the bench default, stated in its output)
+      run_step bench python -m bench --device cuda --tf32 off --json "$out/bench.json" \
         --markdown "$out/bench.md" --plot "$out/bench.png"
       ;;
     *) echo "unknown step '$step'"; exit 2 ;;

@@ -5,7 +5,8 @@ multiply-add as 2 and ignore padding (the dense count, as cuDNN and the literatu
 """
 from .cases import Case
 
-PASSES = ("fwd", "bwd_input", "bwd_weight", "fwd_bwd")
+# bwd: every gradient in one backward call (what torchvision's single backward op computes)
+PASSES = ("fwd", "bwd_input", "bwd_weight", "bwd", "fwd_bwd")
 
 
 def _sizes(case: Case):
@@ -33,6 +34,8 @@ def pass_bytes(case: Case, pass_name: str, elem_size: int) -> int:
         # weight grad reads grad_out and input (+offset/mask), writes grad_weight
         "bwd_weight": y + x + extra + w,
     }
+    # one call reads grad_out, input, weight (+offset/mask) once, writes every gradient
+    per_pass["bwd"] = y + x + w + extra + x + w + (extra if case.suite == "deform" else 0)
     if pass_name == "fwd_bwd":
         total = per_pass["fwd"] + per_pass["bwd_input"] + per_pass["bwd_weight"]
     else:
@@ -47,7 +50,7 @@ def pass_flops(case: Case, pass_name: str) -> int:
     if case.suite == "deform":
         # bilinear sampling: 4 loads + ~7 FLOPs per sampled value, counted once per (c, tap, px)
         macs += case.N * case.C * kh * kw * ho * wo * 4
-    per = {"fwd": 2 * macs, "bwd_input": 2 * macs, "bwd_weight": 2 * macs}
+    per = {"fwd": 2 * macs, "bwd_input": 2 * macs, "bwd_weight": 2 * macs, "bwd": 4 * macs}
     if pass_name == "fwd_bwd":
-        return sum(per.values())
+        return 6 * macs
     return per[pass_name]

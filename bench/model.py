@@ -22,7 +22,9 @@ import math
 from dataclasses import dataclass
 
 from .cases import Case
-from .metrics import PASSES
+from .metrics import PASSES as _BENCH_PASSES
+
+PASSES = tuple(p for p in _BENCH_PASSES if p != "bwd")  # the modelled passes
 
 # --- H100 SXM5 (data sheet) ----------------------------------------------------------------
 HBM_BPS = 3.35e12                 # HBM3 peak

@@ -9,8 +9,8 @@ def _fmt(v, spec):
 
 
 def table_rows(rows: List[dict], copy_bw: float):
-    header = ["case", "pass", "dtype", "layout", "convops ms", "±%", "GB/s", "%BW", "TFLOP/s",
-              "speedups", "peak MB", "status"]
+    header = ["case", "pass", "dtype", "layout", "convops ms", "±%", "host us", "GB/s", "%BW",
+              "TFLOP/s", "speedups", "peak MB", "status"]
     out = []
     for r in rows:
         if r["impl"] != "convops":
@@ -22,6 +22,7 @@ def table_rows(rows: List[dict], copy_bw: float):
             r["case"], r["pass_"], r["dtype"], r["layout"],
             _fmt(r.get("median_s", 0) * 1e3, ".3f") if ok else "-",
             _fmt(100 * r.get("spread", 0), ".0f") if ok else "-",
+            _fmt(r["host_s"] * 1e6 if r.get("host_s") is not None else None, ".1f"),
             _fmt(r.get("gbps"), ".1f"),
             _fmt(100 * r["gbps"] * 1e9 / copy_bw if ok and copy_bw else None, ".0f"),
             _fmt(r.get("tflops"), ".3f"),
@@ -47,7 +48,8 @@ def summary_table(rows) -> str:
     ours = [r for r in rows if r["impl"] == "convops"]
     combos = sorted({(r["dtype"], r["layout"]) for r in ours},
                     key=lambda c: (c[0] != "float32", c[1] != "nchw", c))
-    main_key = {"depthwise": ["onednn", "cudnn"], "dilated": ["onednn", "cudnn"],
+    main_key = {"depthwise": ["onednn", "cudnn", "pytorch-dw"],
+                "dilated": ["onednn", "cudnn", "aten-slow-dilated"],
                 "deform": ["torchvision"]}
     header = ["suite", "case", "pass"] + [f"{d} {l}" for d, l in combos]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -83,10 +85,19 @@ def markdown_table(rows, meta) -> str:
     lines = [f"# convops benchmark — {meta['device_name']} ({meta['date']})", "",
              f"torch {meta['torch']}, CUDA {meta.get('cuda') or '-'}, cuDNN "
              f"{meta.get('cudnn') or '-'}, threads {meta.get('threads')}, commit "
-             f"{meta.get('git_commit')}, measured copy bandwidth "
-             f"{meta['copy_bandwidth_Bps'] / 1e9:.1f} GB/s.", "",
+             f"{meta.get('git_commit')}, copy bandwidth "
+             + (f"{meta['copy_bandwidth_Bps'] / 1e9:.1f} GB/s" if meta.get("copy_bandwidth_Bps")
+                else "not probed") + ".", "",
+             f"TF32 policy: {meta.get('tf32_policy', '-')} for fp32 rows, applied to convops "
+             f"and every baseline (cudnn.allow_tf32={meta.get('cudnn_allow_tf32')}, "
+             f"cuda.matmul.allow_tf32={meta.get('matmul_allow_tf32')}).", "",
+             f"Timing: {meta.get('timing', 'per call (perf_counter)')}.", "",
              "Speedup = baseline time / convops time (>1: convops faster). "
-             "onednn/cudnn = F.conv2d(groups=...).", "",
+             "onednn/cudnn/pytorch-dw = F.conv2d(groups=...) labelled by the backend PyTorch "
+             "ran (its selection rules, and on CUDA the kernel names); cudnn-direct = "
+             "aten::cudnn_convolution where F.conv2d picks another backend. Deformable "
+             "bwd_input/bwd_weight are not compared with torchvision, whose backward computes "
+             "every gradient: see the bwd pass.", "",
              "## Summary (convops time and speedup over the main baseline)", "",
              summary_table(rows), "## All rows", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -141,14 +152,17 @@ def plot(path, rows, meta):
         ax.set_title(f"{suite} — {meta['device_name']}")
         ax.legend(fontsize=7)
     ax = axes[-1]
-    bw, peak = meta["copy_bandwidth_Bps"], meta.get("matmul_flops")
+    bw = meta.get("copy_bandwidth_Bps")
     for r in ours:
         intensity = r["flops"] / r["bytes"]
         ax.scatter(intensity, r["flops"] / r["median_s"], s=10,
                    label=r["suite"] if r is ours[0] else None)
     xs = [10 ** (i / 10) for i in range(-10, 41)]
-    ax.plot(xs, [min(x * bw, peak or float("inf")) for x in xs], "k--",
-            label="measured ceilings")
+    # one ceiling per dtype: a tensor-core or TF32 peak is not an fp32 matmul's
+    for dtype, (peak, source) in sorted((meta.get("peak_flops") or {}).items()):
+        if bw:
+            ax.plot(xs, [min(x * bw, peak) for x in xs], "--", lw=0.8,
+                    label=f"{dtype} ceiling ({source})")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP / minimum byte)")

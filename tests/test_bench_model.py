@@ -1,5 +1,6 @@
 """The H100 bytes-and-FLOPs model (`python -m bench --model`): bounds, FLOPs, the CLI on CPU."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import pytest
 
 from bench import model
 from bench.cases import GPU_CASES, Case
-from bench.metrics import PASSES, pass_bytes, pass_flops
+from bench.metrics import pass_bytes, pass_flops
+from bench.model_gemm import MODEL_PASSES as PASSES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEPTHWISE = [c for c in GPU_CASES if c.suite == "depthwise"]
@@ -85,3 +87,93 @@ def test_model_does_not_import_the_extension():
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
+
+
+# --- deformable and dilated: convops' implicit GEMM vs torchvision / cuDNN (issue #12) --------
+from bench import model_gemm  # noqa: E402
+
+DCN = Case("d", "deform", 2, 4, 6, 6, 8, (3, 3), 1, 1, 1, groups=1, offset_groups=1, mask=True)
+# 128-wide rows: each 128-pixel tile is one output row, so padding rows are skipped per tile
+DIL = Case("a", "dilated", 1, 2, 5, 128, 2, (3, 3), 1, 2, 2)
+
+
+def _row(rows, dtype, layout, pass_):
+    return next(r for r in rows if (r["dtype"], r["layout"], r["pass_"]) == (dtype, layout, pass_))
+
+
+def test_deform_forward_by_hand():
+    # Ho = Wo = 6, P = 72 pixels, X = 288, Y = 576, W = 8·4·9 = 288, offset+mask = 3·2·9·36 =
+    # 1944, samples S = 4·9·72 = 2592, MACs = 8·72·36 = 20736; fp16 (2 bytes)
+    r = _row(model_gemm.model_rows([DCN], ["fp16"], ["nchw"]), "fp16", "nchw", "fwd")
+    ours, tv = r["convops"], r["base"]
+    # convops: NCHW transpose (2X) + input, offsets/mask, output, weights once (one N-tile)
+    assert ours["dram"] == 2 * 288 * 2 + (288 + 1944 + 576 + 288) * 2
+    assert ours["l2"] == 0
+    assert ours["flops"] == 2 * 20736 + 8 * 2592  # GEMM + bilinear sampling
+    # torchvision, n_par = 2, one chunk: zeros(out, out_buf, columns), im2col (input, offsets,
+    # columns written), addmm (columns, weights, out_buf read+write), transpose copy + bias
+    assert tv["dram"] == (2 * 576 + 2592) * 2 + (288 + 1944 + 2592) * 2 + \
+        (2592 + 288 + 2 * 576) * 2 + 4 * 576 * 2
+    assert tv["flops"] == ours["flops"]
+    # floor: transpose, then the GEMM kernel bound by its DRAM bytes
+    gemm = max((288 + 1944 + 576 + 288) * 2 / 3e12, 2 * 20736 / 790e12 + 8 * 2592 / 67e12)
+    assert math.isclose(ours["floor_s"], 2 * 288 * 2 / 3e12 + gemm)
+    assert r["ratio"] == tv["floor_s"] / ours["floor_s"] > 1
+
+
+def test_deform_backward_by_hand():
+    rows = model_gemm.model_rows([DCN], ["fp32"], ["channels_last"])
+    bi = _row(rows, "fp32", "channels_last", "bwd_input")["convops"]
+    # zero fp32 grad_input (4X) + fused kernel (grad_out, W, X, offsets/mask read and their
+    # grads written, fp32 grad_input written back) + cast (read fp32, write dtype)
+    assert bi["dram"] == 4 * 288 + ((576 + 288 + 288 + 2 * 1944) * 4 + 4 * 288) + \
+        (4 * 288 + 288 * 4)
+    assert bi["l2"] == 4 * 2592 * 4  # four fp32 atomics per sample
+    bw = _row(rows, "fp32", "channels_last", "bwd_weight")["convops"]
+    # one output tile (8 x 36 -> 1 x 1 tiles), split-K = min(1 N-tile, 264) = 1
+    assert bw["dram"] == (576 + 288 + 1944) * 4 + 288 * 4 + (288 * 4 + 288 * 4)
+    total = _row(rows, "fp32", "channels_last", "fwd_bwd")
+    assert math.isclose(total["convops"]["floor_s"], sum(
+        _row(rows, "fp32", "channels_last", p)["convops"]["floor_s"]
+        for p in ("fwd", "bwd_input", "bwd_weight")))
+
+
+def test_dilated_by_hand():
+    # Ho = 5, Wo = 128: five 1-row tiles; live filter rows per output row 2, 2, 3, 2, 2 of 3
+    assert model_gemm.valid_tap_fraction(DIL) == 11 / 15
+    r = _row(model_gemm.model_rows([DIL], ["fp32"], ["channels_last"]), "fp32",
+             "channels_last", "fwd")
+    x = y = 2 * 5 * 128
+    w = 2 * 2 * 9
+    macs = 2 * 640 * 18
+    assert r["base"]["dram"] == r["convops"]["dram"] == (x + w + y) * 4
+    assert r["base"]["l2"] == w * 4 * 4  # weights re-read by the 4 further N-tiles
+    assert r["base"]["flops"] == 2 * macs  # cuDNN: every tap
+    assert r["convops"]["flops"] == 2 * macs * 11 / 15
+    assert math.isfinite(r["ratio"]) and r["ratio"] >= 1
+
+
+def test_issue_shapes_have_finite_ratios_except_torchvision_bf16():
+    cases = [c for c in GPU_CASES if c.suite in ("deform", "dilated")]
+    for r in model_gemm.model_rows(cases):
+        if r["suite"] == "deform" and r["dtype"] == "bf16":
+            assert r["ratio"] is None and r["base"] is None  # torchvision has no bf16
+            continue
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, r
+        assert r["convops"]["dram"] > 0 and r["base"]["dram"] > 0
+
+
+def test_cli_prints_gemm_predictions_and_every_assumption(tmp_path):
+    out_json = tmp_path / "m.json"
+    proc = subprocess.run([sys.executable, "-m", "bench", "--model", "--case", "r50-dcn-256@64",
+                           "--case", "aspp-2048-256-d36@65", "--dtype", "fp16", "--json",
+                           str(out_json)], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr
+    for line in model_gemm.legend():
+        assert line in proc.stdout
+    assert "PREDICTIONS" in proc.stdout and "torchvision" in proc.stdout
+    assert "cudnn" in proc.stdout and "pred. ratio" in proc.stdout
+    data = json.loads(out_json.read_text())
+    assert data["schema"] == "convops-model-gemm/1"
+    assert len(data["rows"]) == 2 * 2 * len(PASSES)
