@@ -24,10 +24,13 @@ FFMA = 67e12               # FP32 non-tensor-core, data sheet
 MMA_PEAK = {"fp16": 790e12, "bf16": 790e12,  # dense tensor-core MMA, measured here
             "fp32": FFMA, "tf32": 495e12}    # fp32: TF32 off (the bench's policy) -> FFMA
 ELEM = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
-TILE_N = 128               # pixels per N-tile (GEMM N = batch·Ho·Wo)
-TILE_M = 256               # out-channels per block before the B tile is re-sampled
-TILE_K = 128               # K per weight-grad tile (grad_out re-read per K-tile)
-SPLITK_BLOCKS = 264        # weight-grad split-K: enough blocks for 2 waves of 132 SMs
+# The tiles of csrc/cuda/implicit_gemm.cuh (kBM, kBN, kBK, kWgTargetBlocks, kMaxWgSplits).
+TILE_N = 64                # pixels per N-tile (GEMM N = batch·Ho·Wo)
+TILE_M = 64                # out-channels per block before the B tile is re-sampled
+TILE_K = 64                # K per weight-grad tile: 64 channels of one tap
+SLICE_K = 32               # channels per K-slice of the fused input-gradient kernel
+SPLITK_BLOCKS = 1056       # weight-grad split-K: about 8 blocks per SM of an H100
+SPLITK_MAX = 64
 SAMPLE_FLOPS_FWD = 8       # bilinear sample x mask: 4 products, 3 adds, 1 mask product
 SAMPLE_FLOPS_BWD = 16      # bilinear weights again, 4-corner scatter, offset/mask terms
 TV_MAX_PARALLEL_IMGS = 32  # torchvision kMaxParallelImgs
@@ -118,9 +121,9 @@ class Shape:
 
 
 def valid_tap_fraction(case: Case) -> float:
-    """Fraction of (pixel, tap) products a kernel that skips, per 128-pixel tile, the filter rows
+    """Fraction of (pixel, tap) products a kernel that skips, per 64-pixel tile, the filter rows
     lying wholly in padding still computes. Only filter rows can be skipped: a tile spans whole
-    output rows (Wo <= 128 here), so each filter column is in bounds for some pixel."""
+    output rows (Wo <= 64 here), so each filter column is in bounds for some pixel."""
     ho, wo = case.out_hw
     kh, kw = case.k
     per_image = ho * wo
@@ -134,42 +137,35 @@ def valid_tap_fraction(case: Case) -> float:
 
 
 def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
-    """The fused implicit GEMM. Operands the sampler gathers must be channel-contiguous: an NCHW
-    input (grad_out for the dilated input grad) goes through one transpose pass first."""
-    nchw = layout == "nchw"
+    """The fused implicit GEMM as built (csrc/cuda/implicit_gemm.cuh). Staging threads take
+    adjacent pixels, so NCHW gathers are coalesced along W and channels_last ones along
+    channels (16-byte packs): no transpose pass in either layout. The input gradient is one
+    fused kernel for both ops: dcols on tensor cores per K-slice of 32 channels (grad_out
+    re-read from L2 per slice), scattered with fp32 atomics into an fp32 buffer (16-bit
+    dtypes; fp32 scatters into grad_input itself)."""
     mma = 2 * s.macs * skip_fraction
+    slices = math.ceil(s.Kg / SLICE_K)
     ks = []
     if pass_name == "fwd":
-        if nchw:
-            ks.append(Kernel("transpose x to NHWC", dram=2 * s.X * es))
         ks.append(Kernel(
             "implicit GEMM", dram=(s.X + s.offmask + s.Y + s.Wt) * es,
             l2=s.Wt * es * (s.n_tiles - 1) + s.X * es * (s.m_tiles - 1),
             mma=mma, ffma=SAMPLE_FLOPS_FWD * s.S if s.deform else 0))
     elif pass_name == "bwd_input":
-        if s.deform:
-            if nchw:
-                ks.append(Kernel("transpose x to NHWC", dram=2 * s.X * es))
-            # grad_input: fp32 buffer zeroed, atomics resolve in L2, written back, then a cast
-            ks.append(Kernel("zero fp32 grad_input", dram=4 * s.X))
-            ks.append(Kernel(
-                "fused dcols + scatter + offset/mask grad",
-                dram=(s.Y + s.Wt + s.X + 2 * s.offmask) * es + 4 * s.X,
-                l2=s.Wt * es * (s.n_tiles - 1) + 4 * s.S * 4,
-                mma=mma, ffma=SAMPLE_FLOPS_BWD * s.S))
+        buffer = es != 4  # fp16/bf16 accumulate in an fp32 copy of grad_input
+        ks.append(Kernel("zero grad_input accumulator", dram=4 * s.X if buffer else es * s.X))
+        ks.append(Kernel(
+            "fused dcols + scatter" + (" + offset/mask grad" if s.deform else ""),
+            dram=(s.Y + s.Wt + s.X + (2 * s.offmask if s.deform else 0)) * es
+            + (4 * s.X if buffer else 0),
+            l2=s.Y * es * (slices - 1) + s.Wt * es * (s.n_tiles - 1) + 4 * s.S * 4,
+            mma=mma, ffma=(SAMPLE_FLOPS_BWD if s.deform else 2) * s.S))
+        if buffer:
             ks.append(Kernel("cast grad_input fp32 -> dtype", dram=4 * s.X + s.X * es))
-        else:
-            # dgrad: the same engine over grad_out with flipped taps, gathering grad_out
-            if nchw:
-                ks.append(Kernel("transpose grad_out to NHWC", dram=2 * s.Y * es))
-            ks.append(Kernel("implicit GEMM (dgrad)", dram=(s.Y + s.Wt + s.X) * es,
-                             l2=s.Wt * es * (math.ceil(s.N * s.H * s.W / TILE_N) - 1),
-                             mma=mma))
     elif pass_name == "bwd_weight":
         tiles = s.groups * s.m_tiles * math.ceil(s.Kg / TILE_K)
-        split = max(1, min(s.n_tiles, math.ceil(SPLITK_BLOCKS / tiles)))
-        if nchw:
-            ks.append(Kernel("transpose x to NHWC", dram=2 * s.X * es))
+        split = max(1, min(SPLITK_MAX, math.ceil(s.P / SLICE_K),
+                           math.ceil(SPLITK_BLOCKS / tiles)))
         ks.append(Kernel(
             "implicit GEMM (wgrad, split-K)",
             dram=(s.Y + s.X + s.offmask) * es + split * s.Wt * 4,

@@ -373,7 +373,8 @@ void mma_store(float* p, const MmaFragAcc<scalar_t>& f, int ldm,
 
 #else  // nvcc
 
-#if defined(__CUDA_AMPERE_MMA__)
+// (mma.h's own __CUDA_AMPERE_MMA__ is undefined again at its end.)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 #define CONVOPS_TENSOR_CORES 1
 #else
 #define CONVOPS_TENSOR_CORES 0
