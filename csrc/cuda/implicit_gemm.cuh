@@ -115,9 +115,8 @@ __device__ __forceinline__ void stage_columns(const scalar_t* x_img, const Engin
                                               int64_t& og_cache, Sample<acc_t, int64_t>& smp,
                                               acc_t& m, scalar_t* dst, int dst_stride) {
   using Pack = ChannelPack<scalar_t>;
-  if (valid && e.vec_channels && c + kStageChannels <= c_end &&
-      c / e.cpo == (c + kStageChannels - 1) / e.cpo) {
-    const int64_t og = c / e.cpo;
+  int64_t og = c / e.cpo, og_end = (og + 1) * e.cpo;  // one division per 16 channels
+  if (valid && e.vec_channels && c + kStageChannels <= c_end && c + kStageChannels <= og_end) {
     if (og != og_cache) {
       smp = s_img.sample(og, tap, oh, ow, &m);
       og_cache = og;
@@ -149,7 +148,10 @@ __device__ __forceinline__ void stage_columns(const scalar_t* x_img, const Engin
   for (int j = 0; j < kStageChannels; ++j, ++c) {
     acc_t v = acc_t(0);
     if (valid && c < c_end) {
-      const int64_t og = c / e.cpo;
+      if (c >= og_end) {  // channels advance one at a time: at most one group further
+        ++og;
+        og_end += e.cpo;
+      }
       if (og != og_cache) {
         smp = s_img.sample(og, tap, oh, ow, &m);
         og_cache = og;
@@ -288,6 +290,7 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   using L = TileLayout<scalar_t, kBM>;
   CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
   CONVOPS_SHARED_ARRAY(int, tap_flag, 1);
+  CONVOPS_SHARED_ARRAY(int64_t, out_offset, kBN);  // per pixel of the tile; -1: past the end
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);
@@ -296,6 +299,7 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, grp = blockIdx.z;
   const int bp = tid % kBN, bh = tid / kBN;  // staging: pixel, channel half
   const PixelPos pp = pixel_pos(q0 + bp, e);
+  if (bh == 0) out_offset[bp] = pp.valid ? pp.n * e.o_sn + pp.oh * e.o_sy + pp.ow * e.o_sx : -1;
   const Sampler s_img = sampler.image(pp.n);
   const scalar_t* x_img = x + pp.n * e.x_sn;
   const int am = tid / 2, ak = (tid % 2) * 16;  // staging of A: row, first column
@@ -331,12 +335,12 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   for (int i = tid; i < kBM * kBN; i += kIgThreads) {
     const int mm = e.out_channels_last ? i % kBM : i / kBN;
     const int p = e.out_channels_last ? i / kBM : i % kBN;
-    const PixelPos o = pixel_pos(q0 + p, e);
-    if (!o.valid || m0 + mm >= e.OCg) continue;
+    const int64_t at = out_offset[p];
+    if (at < 0 || m0 + mm >= e.OCg) continue;
     const int64_t oc = grp * e.OCg + m0 + mm;
     acc_t v = Cs[mm * L::ldc + p];
     if (bias != nullptr) v += static_cast<acc_t>(bias[oc]);
-    out[o.n * e.o_sn + oc * e.o_sc + o.oh * e.o_sy + o.ow * e.o_sx] = static_cast<scalar_t>(v);
+    out[at + oc * e.o_sc] = static_cast<scalar_t>(v);
   }
 #endif
 }
@@ -366,23 +370,22 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
   const int64_t slices = ((e.n1 - e.n0) * e.HoWo + kBK - 1) / kBK;
   const int64_t per_split = (slices + e.splits - 1) / e.splits;
   const int64_t s_begin = split * per_split, s_end = std::min(slices, s_begin + per_split);
-  // staging: B column block (16 channels) and pixel; A row and 16 pixels
+  // staging: each thread one pixel of the slice; A rows bc, bc + 4, ...; B columns
+  // bc * 16 .. bc * 16 + 15
   const int bq = tid % kBK, bc = tid / kBK;
-  const int am = tid / 2, aq = (tid % 2) * 16;
   BlockMath<scalar_t, kMma, kBM> math;
   math.zero();
   for (int64_t s = s_begin; s < s_end; ++s) {
     const int64_t q0 = s * kBK;
-#pragma unroll 4
-    for (int j = 0; j < 16; ++j) {
-      const PixelPos a = pixel_pos(q0 + aq + j, e);
-      As[am * L::ld + aq + j] =
-          (a.valid && m0 + am < e.OCg)
-              ? grad_out[a.n * e.o_sn + (grp * e.OCg + m0 + am) * e.o_sc + a.oh * e.o_sy +
-                         a.ow * e.o_sx]
-              : static_cast<scalar_t>(0);
-    }
     const PixelPos pp = pixel_pos(q0 + bq, e);
+    const scalar_t* go = grad_out + pp.n * e.o_sn + (grp * e.OCg + m0) * e.o_sc +
+                         pp.oh * e.o_sy + pp.ow * e.o_sx;
+#pragma unroll 4
+    for (int j = 0; j < kBM / 4; ++j) {
+      const int mm = bc + 4 * j;
+      As[mm * L::ld + bq] = (pp.valid && m0 + mm < e.OCg) ? go[mm * e.o_sc]
+                                                          : static_cast<scalar_t>(0);
+    }
     const Sampler s_img = sampler.image(pp.n);
     int64_t og_cache = -1;
     Sample<acc_t, int64_t> smp;
@@ -433,10 +436,10 @@ struct GradInputTarget {
   int64_t sn, sc, sy, sx;
 };
 
-template <typename acc_t>
+template <bool kFixedPoint, typename acc_t>
 __device__ __forceinline__ void scatter_add(const GradInputTarget<acc_t>& t, double scale,
                                             int64_t at, acc_t v) {
-  if (t.fixed != nullptr) {
+  if (kFixedPoint) {
     const long long units = llrint(static_cast<double>(v) * scale);
     atomic_add_u64(t.fixed + at, static_cast<unsigned long long>(units));
   } else {
@@ -446,12 +449,16 @@ __device__ __forceinline__ void scatter_add(const GradInputTarget<acc_t>& t, dou
 
 // Grid: one block per 64-pixel tile. Loops over taps and slices of <= kBK channels that stay
 // inside one group and one offset group. grad_offset / grad_mask: contiguous, or nullptr.
-template <typename scalar_t, bool kMma, typename Sampler>
-__global__ void __launch_bounds__(kIgThreads)
-igemm_data_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
-                const scalar_t* __restrict__ w_gkco, Sampler sampler, EngineParams e,
-                GradInputTarget<at::opmath_type<scalar_t>> gi,
-                scalar_t* __restrict__ grad_offset, scalar_t* __restrict__ grad_mask) {
+// Two kernels: igemm_data_grad_atomic (fp32/fp64 atomics) and igemm_data_grad_fixed (integer
+// atomics only: deterministic mode), so the compiler report can tell them apart.
+template <typename scalar_t, bool kMma, typename Sampler, bool kFixedPoint>
+__device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
+                                               const scalar_t* __restrict__ grad_out,
+                                               const scalar_t* __restrict__ w_gkco,
+                                               const Sampler& sampler, const EngineParams& e,
+                                               const GradInputTarget<at::opmath_type<scalar_t>>& gi,
+                                               scalar_t* __restrict__ grad_offset,
+                                               scalar_t* __restrict__ grad_mask) {
 #if CONVOPS_TENSOR_CORES || !defined(__CUDA_ARCH__)
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kRowsA = kBK;  // dcols tile: 32 channels x 64 pixels
@@ -469,16 +476,17 @@ igemm_data_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gra
   const Sampler s_img = sampler.image(pp.n);
   const scalar_t* x_img = x + pp.n * e.x_sn;
   const int64_t gi_img = (pp.n - e.n0) * gi.sn;
-  const double scale = gi.fixed != nullptr ? *gi.scale : 0.0;
+  const double scale = kFixedPoint ? *gi.scale : 0.0;
+  const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
   const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
   const int ac = tid / 4, ak = (tid % 4) * 8;  // staging of A (W^T): channel row, 8 out-channels
   for (int64_t tap = 0; tap < e.taps; ++tap) {
     if (Sampler::kIntegerGrid && !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, tap))
       continue;
     acc_t gy = 0, gx = 0, gm = 0;  // this thread's offset/mask sums for the current group
+    int64_t grp = 0, grp_end = e.Cg, og = 0, og_end = e.cpo;  // no divisions in the loop
     for (int64_t c0 = 0; c0 < e.C;) {
-      const int64_t grp = c0 / e.Cg, og = c0 / e.cpo;
-      const int64_t c1 = std::min(std::min(c0 + kBK, (grp + 1) * e.Cg), (og + 1) * e.cpo);
+      const int64_t c1 = std::min(std::min(c0 + kBK, grp_end), og_end);
       // dcols[c - c0][p] = sum over the group's out-channels of W[oc, c, tap] * grad_out[oc, p]
       BlockMath<scalar_t, kMma, kRowsA> math;
       math.zero();
@@ -513,20 +521,21 @@ igemm_data_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gra
           const int64_t c = c0 + bh * kStageChannels + j;
           if (c >= c1) break;
           const acc_t d = Ds[(c - c0) * L::ldc + bp];
-          if (gi.values != nullptr || gi.fixed != nullptr) {
-            const int64_t base = gi_img + c * gi.sc;
+          if (want_input) {
+            const int64_t base = gi_img + c * gi.sc, at = base + smp.y0 * gi.sy + smp.x0 * gi.sx;
             const acc_t v = d * m;
-            if (smp.w00 != acc_t(0)) scatter_add(gi, scale, base + smp.y0 * gi.sy + smp.x0 * gi.sx, v * smp.w00);
-            if (smp.w01 != acc_t(0)) scatter_add(gi, scale, base + smp.y0 * gi.sy + (smp.x0 + 1) * gi.sx, v * smp.w01);
-            if (smp.w10 != acc_t(0)) scatter_add(gi, scale, base + (smp.y0 + 1) * gi.sy + smp.x0 * gi.sx, v * smp.w10);
-            if (smp.w11 != acc_t(0)) scatter_add(gi, scale, base + (smp.y0 + 1) * gi.sy + (smp.x0 + 1) * gi.sx, v * smp.w11);
+            if (smp.w00 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at, v * smp.w00);
+            if (smp.w01 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sx, v * smp.w01);
+            if (smp.w10 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sy, v * smp.w10);
+            if (smp.w11 != acc_t(0))
+              scatter_add<kFixedPoint>(gi, scale, at + gi.sy + gi.sx, v * smp.w11);
           }
           if (offset_grads && smp.near)
             deform_sample_grad_term<acc_t, scalar_t, int64_t>(x_img + c * e.x_sc, e.x_sy, e.x_sx,
                                                               e.H, e.W, smp, d, &gy, &gx, &gm);
         }
       }
-      const bool og_ends = c1 >= e.C || c1 / e.cpo != og;
+      const bool og_ends = c1 == og_end;
       if (offset_grads && og_ends) {  // fixed order: channel half 0, then half 1
         if (bh == 1) {
           pair_sums[bp] = gy;
@@ -554,10 +563,32 @@ igemm_data_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ gra
       }
       __syncthreads();  // Ds and pair_sums are rewritten by the next slice
       c0 = c1;
+      if (c0 == grp_end) {
+        ++grp;
+        grp_end += e.Cg;
+      }
+      if (c0 == og_end) {
+        ++og;
+        og_end += e.cpo;
+      }
     }
   }
 #endif
 }
+
+#define CONVOPS_DATA_GRAD_KERNEL(name, fixed_point)                                             \
+  template <typename scalar_t, bool kMma, typename Sampler>                                    \
+  __global__ void __launch_bounds__(kIgThreads)                                                \
+  name(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,                  \
+       const scalar_t* __restrict__ w_gkco, Sampler sampler, EngineParams e,                   \
+       GradInputTarget<at::opmath_type<scalar_t>> gi, scalar_t* __restrict__ grad_offset,      \
+       scalar_t* __restrict__ grad_mask) {                                                     \
+    data_grad_body<scalar_t, kMma, Sampler, fixed_point>(x, grad_out, w_gkco, sampler, e, gi,  \
+                                                         grad_offset, grad_mask);             \
+  }
+CONVOPS_DATA_GRAD_KERNEL(igemm_data_grad_atomic, false)
+CONVOPS_DATA_GRAD_KERNEL(igemm_data_grad_fixed, true)
+#undef CONVOPS_DATA_GRAD_KERNEL
 
 
 // --- host side ------------------------------------------------------------------------------
@@ -735,14 +766,22 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
     }
     const Dim3 grid = checked_grid("igemm_data_grad", blocks_for((e.n1 - e.n0) * e.HoWo, kBN),
                                    1, 1);
+    scalar_t* go_ptr = grad_offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gm_ptr = grad_mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
     with_math<scalar_t>([&](auto mma) {
       constexpr bool kMma = decltype(mma)::value;
-      launch_kernel("igemm_data_grad", igemm_data_grad<scalar_t, kMma, Sampler>,
-                    {grid, Dim3(kIgThreads), smem, kIgThreads},
-                    input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
-                    w_gkco.const_data_ptr<scalar_t>(), sampler, e, gi,
-                    grad_offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr,
-                    grad_mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr);
+      const LaunchConfig config{grid, Dim3(kIgThreads), smem, kIgThreads};
+      if (deterministic) {
+        launch_kernel("igemm_data_grad_fixed", igemm_data_grad_fixed<scalar_t, kMma, Sampler>,
+                      config, input.const_data_ptr<scalar_t>(),
+                      grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
+                      sampler, e, gi, go_ptr, gm_ptr);
+      } else {
+        launch_kernel("igemm_data_grad_atomic", igemm_data_grad_atomic<scalar_t, kMma, Sampler>,
+                      config, input.const_data_ptr<scalar_t>(),
+                      grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
+                      sampler, e, gi, go_ptr, gm_ptr);
+      }
     });
     if (want_input && !direct) {
       const at::Tensor part = buffer.narrow(0, 0, e.n1 - e.n0);
