@@ -87,6 +87,17 @@ def test_input_gradient_in_image_chunks(op, deterministic_mode, gpu, monkeypatch
     _run(check, dict(case, batch=3), gpu)
 
 
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_input_gradient_with_grad_output_streamed(op, deterministic_mode, gpu, monkeypatch):
+    # grad_out too large for shared memory is staged again per K-slice instead of once per
+    # block; force that path (groups: the group offset into grad_out is exercised too).
+    monkeypatch.setenv("CONVOPS_CUDA_RESIDENT_GRAD_OUT", "0")
+    case = _deform_cases()[4] if op == "deform" else _dilated_cases()[5]
+    check = (lambda c, d: test_deform._check(c, d, test_deform.reference)) if op == "deform" \
+        else test_dilated._check
+    _run(check, case, gpu)
+
+
 def test_tf32_follows_cudnn_allow_tf32(gpu):
     # fp32 runs on TF32 tensor cores exactly when torch.backends.cudnn.allow_tf32 says so, as
     # F.conv2d does: within TF32's tolerance then, and at fp32 precision otherwise.

@@ -115,7 +115,14 @@ struct DeformSampler {
 
   HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t og, index_t tap, index_t oh,
                                                    index_t ow, acc_t* modulation) const {
-    const index_t ky = tap / kw, kx = tap % kw, ch = (og * kh * kw + tap) * 2;
+    return sample_at(og, tap / kw, tap % kw, oh, ow, modulation);
+  }
+
+  // The same, with the tap given as (ky, kx) (callers that walk the taps skip a division).
+  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample_at(index_t og, index_t ky, index_t kx,
+                                                      index_t oh, index_t ow,
+                                                      acc_t* modulation) const {
+    const index_t tap = ky * kw + kx, ch = (og * kh * kw + tap) * 2;
     const index_t at = oh * off_sy + ow * off_sx;
     const acc_t dy = static_cast<acc_t>(offset[ch * off_sc + at]);
     const acc_t dx = static_cast<acc_t>(offset[(ch + 1) * off_sc + at]);

@@ -19,10 +19,15 @@ struct GridSampler {
 
   HOST_DEVICE_INLINE GridSampler image(index_t) const { return *this; }  // same for every image
 
-  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t /*group*/, index_t tap, index_t oh,
+  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample(index_t group, index_t tap, index_t oh,
                                                    index_t ow, acc_t* modulation) const {
+    return sample_at(group, tap / kw, tap % kw, oh, ow, modulation);
+  }
+
+  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample_at(index_t /*group*/, index_t ky, index_t kx,
+                                                      index_t oh, index_t ow,
+                                                      acc_t* modulation) const {
     *modulation = acc_t(1);
-    const index_t ky = tap / kw, kx = tap % kw;
     return integer_sample<acc_t, index_t>(conv_input_pos<index_t>(oh, ky, sh, ph, dh),
                                           conv_input_pos<index_t>(ow, kx, sw, pw, dw), H, W);
   }

@@ -61,7 +61,7 @@ at::Tensor deform_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "deform_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (implicit_gemm_enabled()) {
+    if (implicit_gemm_enabled(g)) {
       igemm_forward_run<scalar_t>(input, weight, b, g,
                                   deform_sampler<acc_t, scalar_t>(offset, mask, 0, g), out);
       return;
@@ -97,7 +97,7 @@ deform_conv2d_backward_cuda(const at::Tensor& grad_output, const at::Tensor& inp
                                   "deform_conv2d_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     using Sampler = DeformSampler<acc_t, scalar_t, int64_t>;
-    if (implicit_gemm_enabled()) {
+    if (implicit_gemm_enabled(g)) {
       const Sampler sampler = deform_sampler<acc_t, scalar_t>(offset, mask, 0, g);
       if (output_mask[1]) igemm_weight_grad_run<scalar_t>(grad_output, input, g, sampler,
                                                           grads.weight);

@@ -59,14 +59,15 @@ constexpr int64_t kMaxGridX = 2147483647, kMaxGridYZ = 65535;
 constexpr int64_t kDefaultSharedLimit = 48 * 1024;
 constexpr int64_t kOptInSharedLimit = 227 * 1024;
 
-// Dynamic shared memory above 48 KiB that a kernel has been allowed (allow_dynamic_shared).
+// Dynamic shared memory a kernel has been allowed (allow_dynamic_shared), or -1 if it has not
+// asked: then the driver's default applies (48 KiB for static plus dynamic).
 inline int64_t dynamic_shared_allowance(const void* kernel, int64_t set_to = -1) {
   static std::mutex mutex;
   static std::map<const void*, int64_t> allowed;
   std::lock_guard<std::mutex> lock(mutex);
   if (set_to >= 0) allowed[kernel] = set_to;
   const auto it = allowed.find(kernel);
-  return it == allowed.end() ? kDefaultSharedLimit : it->second;
+  return it == allowed.end() ? -1 : it->second;
 }
 
 // The checks the driver makes at launch, made before launching on both builds so that a bad
@@ -86,14 +87,16 @@ inline void validate_launch(const char* name, const void* kernel, const LaunchCo
               ") has ", threads, " threads; the limit is ", kMaxThreadsPerBlock);
   TORCH_CHECK(threads <= c.max_threads, "convops: illegal launch of ", name, ": ", threads,
               " threads per block exceed its __launch_bounds__ of ", c.max_threads);
-  const int64_t allowed = dynamic_shared_allowance(kernel);
+  const int64_t asked = dynamic_shared_allowance(kernel);
+  const int64_t allowed = asked >= 0 ? asked : kDefaultSharedLimit;
   TORCH_CHECK(c.dynamic_smem >= 0 && c.dynamic_smem <= allowed, "convops: illegal launch of ",
               name, ": ", c.dynamic_smem, " bytes of dynamic shared memory exceed the ",
               allowed, " allowed",
-              allowed == kDefaultSharedLimit ? " (allow_dynamic_shared opts in to more)" : "");
+              asked < 0 ? " (allow_dynamic_shared opts in to more)" : "");
 }
 
-// Lets `kernel` use up to `bytes` (<= 227 KiB) of dynamic shared memory.
+// Lets `kernel` use up to `bytes` (<= 227 KiB) of dynamic shared memory, with static plus
+// dynamic up to the device's opt-in limit instead of 48 KiB.
 template <typename... KArgs>
 void allow_dynamic_shared(void (*kernel)(KArgs...), int64_t bytes) {
   TORCH_CHECK(bytes <= kOptInSharedLimit, "convops: ", bytes,
@@ -103,8 +106,7 @@ void allow_dynamic_shared(void (*kernel)(KArgs...), int64_t bytes) {
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(bytes)));
 #endif
-  dynamic_shared_allowance(reinterpret_cast<const void*>(kernel),
-                           bytes > kDefaultSharedLimit ? bytes : kDefaultSharedLimit);
+  dynamic_shared_allowance(reinterpret_cast<const void*>(kernel), bytes);
 }
 
 // Launches kernel(args...) on the current stream (the emulator: runs it now, on this thread).
@@ -114,8 +116,7 @@ void launch_kernel(const char* name, void (*kernel)(KArgs...), const LaunchConfi
   static_assert(sizeof...(KArgs) == sizeof...(Args), "launch_kernel: wrong argument count");
   validate_launch(name, reinterpret_cast<const void*>(kernel), c);
 #ifdef CONVOPS_EMULATE_CUDA
-  const bool opted_in = dynamic_shared_allowance(reinterpret_cast<const void*>(kernel)) >
-                       kDefaultSharedLimit;
+  const bool opted_in = dynamic_shared_allowance(reinterpret_cast<const void*>(kernel)) >= 0;
   emu::run_grid(name, c.grid.x, c.grid.y, c.grid.z, c.block.x, c.block.y, c.block.z,
                 c.dynamic_smem, opted_in ? kOptInSharedLimit : kDefaultSharedLimit, kernel,
                 KArgs(std::forward<Args>(args))...);

@@ -31,7 +31,7 @@ at::Tensor dilated_conv2d_cuda(const at::Tensor& input, const at::Tensor& weight
                                   "dilated_conv2d_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto sampler = grid_sampler<acc_t, scalar_t>(g);
-    if (implicit_gemm_enabled()) {
+    if (implicit_gemm_enabled(g)) {
       igemm_forward_run<scalar_t>(input, weight, b, g, sampler, out);
       return;
     }
@@ -55,7 +55,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     using Sampler = GridSampler<acc_t, scalar_t, int64_t>;
     const auto sampler = grid_sampler<acc_t, scalar_t>(g);
-    if (implicit_gemm_enabled()) {
+    if (implicit_gemm_enabled(g)) {
       if (output_mask[1]) igemm_weight_grad_run<scalar_t>(grad_output, input, g, sampler,
                                                           grads.weight);
       if (output_mask[0]) {

@@ -52,6 +52,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <type_traits>
@@ -82,18 +83,25 @@ struct TileLayout {
   static constexpr int64_t a_bytes = (int64_t(kRowsA) * ld * sizeof(scalar_t) + 127) / 128 * 128;
   static constexpr int64_t ab_bytes = a_bytes + int64_t(kBN) * ld * sizeof(scalar_t);
   static constexpr int64_t c_bytes = int64_t(kRowsA) * ldc * sizeof(acc_t);
+  static constexpr int64_t c_bytes_aligned = (c_bytes + 127) / 128 * 128;
   static constexpr int64_t bytes = ab_bytes > c_bytes ? ab_bytes : c_bytes;
 };
 
 // The GEMM shape and tensor strides one launch needs (int64).
 struct EngineParams {
-  int64_t N, C, H, W, OC, taps, kw, Cg, OCg, groups, cpo, Ho, Wo, HoWo;
+  int64_t N, C, H, W, OC, taps, kw, Cg, OCg, groups, cpo, offset_groups, Ho, Wo, HoWo;
+  int cpo32, Wo32, HoWo32, go_ocp32, go_cols32;  // the same, for 32-bit divisions
   int64_t n0, n1;                  // the images this launch covers
   int64_t x_sn, x_sc, x_sy, x_sx;  // input
   int64_t o_sn, o_sc, o_sy, o_sx;  // output or grad_output
   bool out_channels_last;          // forward: coalesce the output along channels
   bool vec_channels;               // input channels_last, pixels and groups 16-byte aligned
   int64_t splits;                  // weight gradient: pixel ranges
+  // Input gradient: grad_out of the block's 64 pixels held in shared memory for the whole
+  // block (pixel-major, each group's out-channels padded to go_ocp, row length go_ld), or
+  // staged again per K-slice when it does not fit (go_resident false).
+  bool go_resident;
+  int64_t go_ocp, go_ld;
 };
 
 // 16 bytes of channels: 8 fp16/bf16, 4 fp32 or 2 fp64.
@@ -110,15 +118,17 @@ struct alignas(16) ChannelPack {
 // offset group, each corner is read as 16-byte channel packs; otherwise channel by channel.
 template <typename scalar_t, typename Sampler, typename acc_t>
 __device__ __forceinline__ void stage_columns(const scalar_t* x_img, const EngineParams& e,
-                                              const Sampler& s_img, bool valid, int64_t tap,
-                                              int64_t oh, int64_t ow, int64_t c, int64_t c_end,
+                                              const Sampler& s_img, bool valid, int64_t ky,
+                                              int64_t kx, int64_t oh, int64_t ow, int64_t c,
+                                              int64_t c_end,
                                               int64_t& og_cache, Sample<acc_t, int64_t>& smp,
                                               acc_t& m, scalar_t* dst, int dst_stride) {
   using Pack = ChannelPack<scalar_t>;
-  int64_t og = c / e.cpo, og_end = (og + 1) * e.cpo;  // one division per 16 channels
+  // Channel counts fit int32 (checked on the host): a 32-bit division, once per 16 channels.
+  int64_t og = static_cast<int>(c) / e.cpo32, og_end = (og + 1) * e.cpo;
   if (valid && e.vec_channels && c + kStageChannels <= c_end && c + kStageChannels <= og_end) {
     if (og != og_cache) {
-      smp = s_img.sample(og, tap, oh, ow, &m);
+      smp = s_img.sample_at(og, ky, kx, oh, ow, &m);
       og_cache = og;
     }
     acc_t sum[kStageChannels];
@@ -153,7 +163,7 @@ __device__ __forceinline__ void stage_columns(const scalar_t* x_img, const Engin
         og_end += e.cpo;
       }
       if (og != og_cache) {
-        smp = s_img.sample(og, tap, oh, ow, &m);
+        smp = s_img.sample_at(og, ky, kx, oh, ow, &m);
         og_cache = og;
       }
       v = m * sample_value<acc_t, scalar_t, int64_t>(x_img + c * e.x_sc, e.x_sy, e.x_sx, smp);
@@ -181,7 +191,7 @@ struct BlockMath<scalar_t, true, kRowsA> {
 #pragma unroll
       for (int j = 0; j < 2; ++j) mma_zero<scalar_t>(acc[i][j]);
   }
-  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs) {
+  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs, int ldb = L::ld) {
     constexpr int kK = MmaK<scalar_t>::value;
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
 #pragma unroll
@@ -193,7 +203,7 @@ struct BlockMath<scalar_t, true, kRowsA> {
         mma_load_a<scalar_t>(a[i], As + (wm * kRowsA / 2 + i * 16) * L::ld + k0, L::ld);
 #pragma unroll
       for (int j = 0; j < 2; ++j)
-        mma_load_b<scalar_t>(b[j], Bs + (wn * 32 + j * 16) * L::ld + k0, L::ld);
+        mma_load_b<scalar_t>(b[j], Bs + (wn * 32 + j * 16) * ldb + k0, ldb);
 #pragma unroll
       for (int i = 0; i < kFragRows; ++i)
 #pragma unroll
@@ -225,7 +235,7 @@ struct BlockMath<scalar_t, false, kRowsA> {
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[i][j] = acc_t(0);
   }
-  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs) {
+  __device__ __forceinline__ void step(const scalar_t* As, const scalar_t* Bs, int ldb = L::ld) {
     const int tm = threadIdx.x / 16, tn = threadIdx.x % 16;
 #pragma unroll 4
     for (int k = 0; k < kBK; ++k) {
@@ -233,7 +243,7 @@ struct BlockMath<scalar_t, false, kRowsA> {
 #pragma unroll
       for (int i = 0; i < kRows; ++i) a[i] = static_cast<acc_t>(As[(tm * kRows + i) * L::ld + k]);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) b[j] = static_cast<acc_t>(Bs[(tn + 16 * j) * L::ld + k]);
+      for (int j = 0; j < 4; ++j) b[j] = static_cast<acc_t>(Bs[(tn + 16 * j) * ldb + k]);
 #pragma unroll
       for (int i = 0; i < kRows; ++i)
 #pragma unroll
@@ -249,31 +259,46 @@ struct BlockMath<scalar_t, false, kRowsA> {
   }
 };
 
-// Splits output pixel q (over the whole batch) into image and position.
+// Output pixel q of the launch (over its images) as image n and position r in the image.
+// One 64-bit division per cursor; moving it by less than 2^30 pixels and splitting r take
+// 32-bit divisions (Ho * Wo < 2^30, checked on the host), which need no call.
+struct PixelCursor {
+  int64_t n;
+  int r;
+};
+__device__ __forceinline__ PixelCursor pixel_cursor(int64_t q, const EngineParams& e) {
+  return {e.n0 + q / e.HoWo, static_cast<int>(q % e.HoWo)};
+}
+__device__ __forceinline__ PixelCursor advance(PixelCursor c, int by, const EngineParams& e) {
+  int r = c.r + by;
+  const int images = r / e.HoWo32;
+  return {c.n + images, r - images * e.HoWo32};
+}
+
 struct PixelPos {
   int64_t n, oh, ow;
   bool valid;
 };
-__device__ __forceinline__ PixelPos pixel_pos(int64_t q, const EngineParams& e) {
+__device__ __forceinline__ PixelPos pixel_at(PixelCursor c, int by, const EngineParams& e) {
+  const PixelCursor at = advance(c, by, e);
   PixelPos p;
-  p.valid = q < (e.n1 - e.n0) * e.HoWo;
-  if (!p.valid) q = 0;
-  p.n = e.n0 + q / e.HoWo;
-  const int64_t r = q % e.HoWo;
-  p.oh = r / e.Wo;
-  p.ow = r % e.Wo;
+  p.valid = at.n < e.n1;
+  p.n = p.valid ? at.n : e.n0;
+  const int r = p.valid ? at.r : 0, oh = r / e.Wo32;
+  p.oh = oh;
+  p.ow = r - oh * e.Wo32;
   return p;
 }
 
 // Does any pixel of the block sample inside the image at `tap`? (dilated: skip the tap if not)
 template <typename Sampler, typename acc_t>
 __device__ __forceinline__ bool tap_reaches_image(int* flag, const Sampler& s_img,
-                                                  const PixelPos& pp, int64_t tap) {
+                                                  const PixelPos& pp, int64_t ky, int64_t kx) {
   __syncthreads();  // everyone has read the previous answer
   if (threadIdx.x == 0) *flag = 0;
   __syncthreads();
   acc_t m;
-  if (pp.valid && s_img.sample(0, tap, pp.oh, pp.ow, &m).inside) *flag = 1;
+  if (pp.valid && s_img.sample_at(0, ky, kx, pp.oh, pp.ow, &m).inside) *flag = 1;
   __syncthreads();
   return *flag != 0;
 }
@@ -298,7 +323,7 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, grp = blockIdx.z;
   const int bp = tid % kBN, bh = tid / kBN;  // staging: pixel, channel half
-  const PixelPos pp = pixel_pos(q0 + bp, e);
+  const PixelPos pp = pixel_at(pixel_cursor(q0, e), bp, e);
   if (bh == 0) out_offset[bp] = pp.valid ? pp.n * e.o_sn + pp.oh * e.o_sy + pp.ow * e.o_sx : -1;
   const Sampler s_img = sampler.image(pp.n);
   const scalar_t* x_img = x + pp.n * e.x_sn;
@@ -308,8 +333,10 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
   BlockMath<scalar_t, kMma, kBM> math;
   math.zero();
-  for (int64_t tap = 0; tap < e.taps; ++tap) {
-    if (Sampler::kIntegerGrid && !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, tap))
+  for (int64_t tap = 0, ky = 0, kx = 0; tap < e.taps;
+       ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
+    if (Sampler::kIntegerGrid &&
+        !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, ky, kx))
       continue;
     int64_t og_cache = -1;
     Sample<acc_t, int64_t> smp;
@@ -322,7 +349,7 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
                                       ? w_row[tap * e.Cg + (c - c_begin)]
                                       : static_cast<scalar_t>(0);
       }
-      stage_columns<scalar_t, Sampler, acc_t>(x_img, e, s_img, pp.valid, tap, pp.oh, pp.ow,
+      stage_columns<scalar_t, Sampler, acc_t>(x_img, e, s_img, pp.valid, ky, kx, pp.oh, pp.ow,
                                               c0 + bh * kStageChannels, c_end, og_cache, smp, m,
                                               Bs + bp * L::ld + bh * kStageChannels, 1);
       __syncthreads();
@@ -364,6 +391,7 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
   const int tid = threadIdx.x;
   const int64_t col_tiles = (e.Cg + kBN - 1) / kBN;
   const int64_t tap = blockIdx.x / col_tiles, c0 = (blockIdx.x % col_tiles) * kBN;
+  const int64_t ky = tap / e.kw, kx = tap % e.kw;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
   const int64_t grp = blockIdx.z % e.groups, split = blockIdx.z / e.groups;
   const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
@@ -375,9 +403,9 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
   const int bq = tid % kBK, bc = tid / kBK;
   BlockMath<scalar_t, kMma, kBM> math;
   math.zero();
-  for (int64_t s = s_begin; s < s_end; ++s) {
-    const int64_t q0 = s * kBK;
-    const PixelPos pp = pixel_pos(q0 + bq, e);
+  PixelCursor slice = pixel_cursor(s_begin * kBK, e);
+  for (int64_t s = s_begin; s < s_end; ++s, slice = advance(slice, kBK, e)) {
+    const PixelPos pp = pixel_at(slice, bq, e);
     const scalar_t* go = grad_out + pp.n * e.o_sn + (grp * e.OCg + m0) * e.o_sc +
                          pp.oh * e.o_sy + pp.ow * e.o_sx;
 #pragma unroll 4
@@ -390,8 +418,8 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
     int64_t og_cache = -1;
     Sample<acc_t, int64_t> smp;
     acc_t m = acc_t(1);
-    stage_columns<scalar_t, Sampler, acc_t>(x + pp.n * e.x_sn, e, s_img, pp.valid, tap, pp.oh,
-                                            pp.ow, c_begin + c0 + bc * kStageChannels, c_end,
+    stage_columns<scalar_t, Sampler, acc_t>(x + pp.n * e.x_sn, e, s_img, pp.valid, ky, kx,
+                                            pp.oh, pp.ow, c_begin + c0 + bc * kStageChannels, c_end,
                                             og_cache, smp, m,
                                             Bs + (bc * kStageChannels) * L::ld + bq, L::ld);
     __syncthreads();
@@ -466,13 +494,29 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
   CONVOPS_DYNAMIC_SHARED(unsigned char, smem);
   CONVOPS_SHARED_ARRAY(int, tap_flag, 1);
   CONVOPS_SHARED_ARRAY(acc_t, pair_sums, 3 * kBN);  // offset/mask sums of the channel half 1
+  CONVOPS_SHARED_ARRAY(int64_t, go_offset, kBN);  // per pixel; -1: past the end
   scalar_t* As = reinterpret_cast<scalar_t*>(smem);
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
   acc_t* Ds = reinterpret_cast<acc_t*>(smem + L::ab_bytes);  // dcols (32 x ldc)
+  scalar_t* Gs = reinterpret_cast<scalar_t*>(smem + L::ab_bytes + L::c_bytes_aligned);
   const int tid = threadIdx.x;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const int bp = tid % kBN, bh = tid / kBN;
-  const PixelPos pp = pixel_pos(q0 + bp, e);
+  const PixelPos pp = pixel_at(pixel_cursor(q0, e), bp, e);
+  if (e.go_resident) {  // grad_out of the tile, once: coalesced along the layout's inner dim
+    if (bh == 0) go_offset[bp] = pp.valid ? pp.n * e.o_sn + pp.oh * e.o_sy + pp.ow * e.o_sx : -1;
+    __syncthreads();
+    const int cols = e.go_cols32;  // int32: the tile fits in shared memory
+    const bool by_channel = e.o_sc == 1;
+    for (int i = tid; i < kBN * cols; i += kIgThreads) {
+      const int p = by_channel ? i / cols : i % kBN, col = by_channel ? i % cols : i / kBN;
+      const int grp = col / e.go_ocp32, oc = col - grp * e.go_ocp32;
+      const int64_t at = go_offset[p];
+      Gs[p * e.go_ld + col] = (at >= 0 && oc < e.OCg) ? grad_out[at + (grp * e.OCg + oc) * e.o_sc]
+                                                      : static_cast<scalar_t>(0);
+    }
+    __syncthreads();
+  }
   const Sampler s_img = sampler.image(pp.n);
   const scalar_t* x_img = x + pp.n * e.x_sn;
   const int64_t gi_img = (pp.n - e.n0) * gi.sn;
@@ -480,8 +524,10 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
   const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
   const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
   const int ac = tid / 4, ak = (tid % 4) * 8;  // staging of A (W^T): channel row, 8 out-channels
-  for (int64_t tap = 0; tap < e.taps; ++tap) {
-    if (Sampler::kIntegerGrid && !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, tap))
+  for (int64_t tap = 0, ky = 0, kx = 0; tap < e.taps;
+       ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
+    if (Sampler::kIntegerGrid &&
+        !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, ky, kx))
       continue;
     acc_t gy = 0, gx = 0, gm = 0;  // this thread's offset/mask sums for the current group
     int64_t grp = 0, grp_end = e.Cg, og = 0, og_end = e.cpo;  // no divisions in the loop
@@ -498,17 +544,20 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
           const int64_t oc = oc0 + ak + j;
           As[ac * L::ld + ak + j] = (c < c1 && oc < e.OCg) ? wrow[oc] : static_cast<scalar_t>(0);
         }
+        if (!e.go_resident) {
 #pragma unroll 4
-        for (int j = 0; j < 16; ++j) {
-          const int64_t oc = oc0 + bh * 16 + j;
-          Bs[bp * L::ld + bh * 16 + j] =
-              (pp.valid && oc < e.OCg)
-                  ? grad_out[pp.n * e.o_sn + (grp * e.OCg + oc) * e.o_sc + pp.oh * e.o_sy +
-                             pp.ow * e.o_sx]
-                  : static_cast<scalar_t>(0);
+          for (int j = 0; j < 16; ++j) {
+            const int64_t oc = oc0 + bh * 16 + j;
+            Bs[bp * L::ld + bh * 16 + j] =
+                (pp.valid && oc < e.OCg)
+                    ? grad_out[pp.n * e.o_sn + (grp * e.OCg + oc) * e.o_sc + pp.oh * e.o_sy +
+                               pp.ow * e.o_sx]
+                    : static_cast<scalar_t>(0);
+          }
         }
         __syncthreads();
-        math.step(As, Bs);
+        if (e.go_resident) math.step(As, Gs + grp * e.go_ocp + oc0, static_cast<int>(e.go_ld));
+        else math.step(As, Bs);
         __syncthreads();
       }
       math.store(Ds);
@@ -516,7 +565,7 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
       // Scatter this thread's pixel and channels, and sum its offset/mask terms.
       if (pp.valid) {
         acc_t m;
-        const auto smp = s_img.sample(og, tap, pp.oh, pp.ow, &m);
+        const auto smp = s_img.sample_at(og, ky, kx, pp.oh, pp.ow, &m);
         for (int j = 0; j < kStageChannels; ++j) {
           const int64_t c = c0 + bh * kStageChannels + j;
           if (c >= c1) break;
@@ -545,18 +594,18 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
         __syncthreads();
         if (bh == 0 && pp.valid) {
           acc_t m;
-          s_img.sample(og, tap, pp.oh, pp.ow, &m);
+          s_img.sample_at(og, ky, kx, pp.oh, pp.ow, &m);
           gy += pair_sums[bp];
           gx += pair_sums[kBN + bp];
           gm += pair_sums[2 * kBN + bp];
           const int64_t row = og * e.taps + tap, pix = pp.oh * e.Wo + pp.ow;
           if (grad_offset != nullptr) {
-            const int64_t base = pp.n * 2 * (e.C / e.cpo) * e.taps * e.HoWo;
+            const int64_t base = pp.n * 2 * e.offset_groups * e.taps * e.HoWo;
             grad_offset[base + (2 * row) * e.HoWo + pix] = static_cast<scalar_t>(gy * m);
             grad_offset[base + (2 * row + 1) * e.HoWo + pix] = static_cast<scalar_t>(gx * m);
           }
           if (grad_mask != nullptr)
-            grad_mask[pp.n * (e.C / e.cpo) * e.taps * e.HoWo + row * e.HoWo + pix] =
+            grad_mask[pp.n * e.offset_groups * e.taps * e.HoWo + row * e.HoWo + pix] =
                 static_cast<scalar_t>(gm);
         }
         gy = gx = gm = 0;
@@ -594,8 +643,10 @@ CONVOPS_DATA_GRAD_KERNEL(igemm_data_grad_fixed, true)
 // --- host side ------------------------------------------------------------------------------
 
 // The engine runs unless CONVOPS_CUDA_IMPL=plain or the GPU lacks bf16/TF32 tensor cores.
-inline bool implicit_gemm_enabled() {
-  return !env_is("CONVOPS_CUDA_IMPL", "plain") && device_has_tensor_cores();
+// It also needs channel counts below 2^31 and Ho * Wo below 2^30 (its 32-bit divisions).
+inline bool implicit_gemm_enabled(const DeformGeometry& g) {
+  return !env_is("CONVOPS_CUDA_IMPL", "plain") && device_has_tensor_cores() &&
+         g.C < INT32_MAX && g.OC < INT32_MAX && g.Ho * g.Wo < (int64_t(1) << 30);
 }
 
 // Elements of the input-gradient accumulation buffer; CONVOPS_CUDA_ACCUM_BUDGET lowers it so
@@ -632,7 +683,10 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
   EngineParams e;
   e.N = g.N; e.C = g.C; e.H = g.H; e.W = g.W; e.OC = g.OC; e.taps = g.taps(); e.kw = g.kw;
   e.Cg = g.channels_per_group(); e.OCg = g.out_channels_per_group(); e.groups = g.groups;
-  e.cpo = g.channels_per_offset_group(); e.Ho = g.Ho; e.Wo = g.Wo; e.HoWo = g.Ho * g.Wo;
+  e.cpo = g.channels_per_offset_group(); e.offset_groups = g.offset_groups;
+  e.Ho = g.Ho; e.Wo = g.Wo; e.HoWo = g.Ho * g.Wo;
+  e.cpo32 = static_cast<int>(e.cpo); e.Wo32 = static_cast<int>(e.Wo);
+  e.HoWo32 = static_cast<int>(e.HoWo);
   e.n0 = 0; e.n1 = g.N;
   e.x_sn = x.stride(0); e.x_sc = x.stride(1); e.x_sy = x.stride(2); e.x_sx = x.stride(3);
   e.o_sn = o.stride(0); e.o_sc = o.stride(1); e.o_sy = o.stride(2); e.o_sx = o.stride(3);
@@ -643,6 +697,9 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
                    (x.stride(0) * elem) % 16 == 0 && (x.stride(2) * elem) % 16 == 0 &&
                    (x.stride(3) * elem) % 16 == 0 && (e.Cg * elem) % 16 == 0;
   e.splits = 1;
+  e.go_resident = false;
+  e.go_ocp = e.go_ld = 0;
+  e.go_ocp32 = e.go_cols32 = 0;
   return e;
 }
 
@@ -733,7 +790,17 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
                                 .permute({0, 3, 2, 1}).contiguous();  // (G, taps, Cg, OCg)
   EngineParams e = engine_params(g, input, grad_output);
   using Layout = TileLayout<scalar_t, kBK>;
-  const int64_t smem = Layout::ab_bytes + Layout::c_bytes;
+  int64_t smem = Layout::ab_bytes + Layout::c_bytes;
+  e.go_ocp = (e.OCg + kBK - 1) / kBK * kBK;
+  e.go_ld = g.groups * e.go_ocp + Layout::kPad;
+  e.go_ocp32 = static_cast<int>(e.go_ocp);
+  e.go_cols32 = static_cast<int>(std::min<int64_t>(g.groups * e.go_ocp, INT32_MAX / kBN));
+  const int64_t resident_smem = Layout::ab_bytes + Layout::c_bytes_aligned +
+                                int64_t(kBN) * e.go_ld * static_cast<int64_t>(sizeof(scalar_t));
+  // Static shared memory (flags, pair sums, offsets) takes about 2 KiB of the block's limit.
+  e.go_resident = resident_smem + 4096 <= kOptInSharedLimit &&
+                  !env_is("CONVOPS_CUDA_RESIDENT_GRAD_OUT", "0");
+  if (e.go_resident) smem = resident_smem;
   at::Tensor scale;
   if (want_input && deterministic) scale = fixed_point_scale(grad_output, weight, mask, g);
   // The accumulation buffer (fp32 or fixed point) covers at most kAccumBudget elements.
@@ -771,12 +838,15 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
     with_math<scalar_t>([&](auto mma) {
       constexpr bool kMma = decltype(mma)::value;
       const LaunchConfig config{grid, Dim3(kIgThreads), smem, kIgThreads};
+      const int64_t allowance = smem;  // static + dynamic may then pass 48 KiB
       if (deterministic) {
+        allow_dynamic_shared(igemm_data_grad_fixed<scalar_t, kMma, Sampler>, allowance);
         launch_kernel("igemm_data_grad_fixed", igemm_data_grad_fixed<scalar_t, kMma, Sampler>,
                       config, input.const_data_ptr<scalar_t>(),
                       grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
                       sampler, e, gi, go_ptr, gm_ptr);
       } else {
+        allow_dynamic_shared(igemm_data_grad_atomic<scalar_t, kMma, Sampler>, allowance);
         launch_kernel("igemm_data_grad_atomic", igemm_data_grad_atomic<scalar_t, kMma, Sampler>,
                       config, input.const_data_ptr<scalar_t>(),
                       grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
