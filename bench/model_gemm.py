@@ -141,7 +141,7 @@ def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
     adjacent pixels, so NCHW gathers are coalesced along W and channels_last ones along
     channels (16-byte packs): no transpose pass in either layout. The input gradient is one
     fused kernel for both ops: dcols on tensor cores per K-slice of 32 channels (grad_out
-    re-read from L2 per slice), scattered with fp32 atomics into an fp32 buffer (16-bit
+    of the tile resident in shared memory when it fits, else re-read per slice), scattered with fp32 atomics into an fp32 buffer (16-bit
     dtypes; fp32 scatters into grad_input itself)."""
     mma = 2 * s.macs * skip_fraction
     slices = math.ceil(s.Kg / SLICE_K)
@@ -153,12 +153,17 @@ def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
             mma=mma, ffma=SAMPLE_FLOPS_FWD * s.S if s.deform else 0))
     elif pass_name == "bwd_input":
         buffer = es != 4  # fp16/bf16 accumulate in an fp32 copy of grad_input
+        # grad_out of the tile stays in shared memory (227 KiB) unless too wide: then it is
+        # re-read from L2 per K-slice
+        resident = TILE_N * (s.groups * math.ceil(s.OCg / SLICE_K) * SLICE_K + 8) * es \
+            + 24 * 1024 <= 227 * 1024
         ks.append(Kernel("zero grad_input accumulator", dram=4 * s.X if buffer else es * s.X))
         ks.append(Kernel(
             "fused dcols + scatter" + (" + offset/mask grad" if s.deform else ""),
             dram=(s.Y + s.Wt + s.X + (2 * s.offmask if s.deform else 0)) * es
             + (4 * s.X if buffer else 0),
-            l2=s.Y * es * (slices - 1) + s.Wt * es * (s.n_tiles - 1) + 4 * s.S * 4,
+            l2=(0 if resident else s.Y * es * (slices - 1)) + s.Wt * es * (s.n_tiles - 1)
+            + 4 * s.S * 4,
             mma=mma, ffma=(SAMPLE_FLOPS_BWD if s.deform else 2) * s.S))
         if buffer:
             ks.append(Kernel("cast grad_input fp32 -> dtype", dram=4 * s.X + s.X * es))
