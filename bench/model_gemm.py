@@ -163,7 +163,7 @@ def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
             dram=(s.Y + s.Wt + s.X + (2 * s.offmask if s.deform else 0)) * es
             + (4 * s.X if buffer else 0),
             l2=(0 if resident else s.Y * es * (slices - 1)) + s.Wt * es * (s.n_tiles - 1)
-            + 4 * s.S * 4,
+            + (4 if s.deform else 1) * s.S * 4,  # fp32 atomics: 4 corners, or 1 grid point
             mma=mma, ffma=(SAMPLE_FLOPS_BWD if s.deform else 2) * s.S))
         if buffer:
             ks.append(Kernel("cast grad_input fp32 -> dtype", dram=4 * s.X + s.X * es))
