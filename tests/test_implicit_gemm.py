@@ -35,6 +35,16 @@ def _deform_cases():
     return cases
 
 
+def _depthwise_deform_cases():
+    # groups == C: the direct forward; multiplier 2, offset groups 1 and C.
+    base = dict(batch=2, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                size=(9, 10), mask=True, bias=True, offset_scale=2.0)
+    return [dict(base, channels=24, out_per_group=1, groups=24, og=1, channels_last=True,
+                 dtype=torch.float16),
+            dict(base, channels=17, out_per_group=2, groups=17, og=17, channels_last=False,
+                 dtype=torch.float32, kernel=(2, 3), stride=(2, 1), mask=False)]
+
+
 def _dilated_cases():
     base = dict(batch=2, groups=1, kernel=(3, 3), stride=(1, 1), bias=True)
     cases = []
@@ -69,6 +79,15 @@ def _run(check, case, gpu):
 @pytest.mark.parametrize("case", _deform_cases(), ids=str)
 def test_deform_engine(case, deterministic_mode, gpu):
     _run(lambda c, d: test_deform._check(c, d, test_deform.reference), case, gpu)
+
+
+@pytest.mark.parametrize("case", _depthwise_deform_cases(), ids=str)
+def test_depthwise_deform_direct_forward(case, deterministic_mode, gpu):
+    before = emulator.launch_counts()
+    test_deform._check(case, gpu.device, test_deform.reference)
+    if gpu.emulated:
+        ran = _engine_ran(before)
+        assert "igemm_forward_depthwise" in ran and "igemm_forward" not in ran, ran
 
 
 @pytest.mark.parametrize("case", _dilated_cases(), ids=str)

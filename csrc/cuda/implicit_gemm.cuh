@@ -30,6 +30,8 @@
 //   The accumulation buffer covers at most kAccumBudget elements: larger batches run in image
 //   chunks, so extra memory does not grow with the batch.
 // - Dilated convolution: taps whose samples all land in padding for a tile are skipped.
+// - Depthwise layers (groups == C): the forward is direct (igemm_forward_depthwise); their
+//   backward still runs the GEMM kernels above, with mostly empty tiles.
 // - Math: fp16/bf16 on tensor cores (fp32 accumulation); fp32 on TF32 tensor cores when
 //   torch.backends.cudnn.allow_tf32 (as F.conv2d), else exact FFMA; fp64 FFMA. Tensor cores
 //   need sm_80; older GPUs and CONVOPS_CUDA_IMPL=plain run the plain engine
@@ -370,6 +372,41 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
     out[at + oc * e.o_sc] = static_cast<scalar_t>(v);
   }
 #endif
+}
+
+// Depthwise layers (groups == C, one input channel per group): the GEMM degenerates to K =
+// taps, so the forward is direct: one thread per output, summing its taps over the sampled
+// input channel (no tensor cores, no shared memory). Threads walk the output in its memory
+// order, so loads and stores are coalesced in either layout.
+template <typename scalar_t, typename Sampler>
+__global__ void __launch_bounds__(256)
+igemm_forward_depthwise(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w,
+                        const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                        Sampler sampler, EngineParams e) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= e.N * e.OC * e.HoWo) return;
+  int64_t oc, q;
+  if (e.out_channels_last) {
+    oc = i % e.OC;
+    q = i / e.OC;
+  } else {
+    q = (i / (e.OC * e.HoWo)) * e.HoWo + i % e.HoWo;
+    oc = i / e.HoWo % e.OC;
+  }
+  const PixelPos pp = pixel_at(pixel_cursor(q, e), 0, e);
+  const int64_t c = oc / e.OCg, og = c / e.cpo;
+  const Sampler s_img = sampler.image(pp.n);
+  const scalar_t* plane = x + pp.n * e.x_sn + c * e.x_sc;
+  acc_t sum = bias != nullptr ? static_cast<acc_t>(bias[oc]) : acc_t(0);
+  for (int64_t tap = 0, ky = 0, kx = 0; tap < e.taps;
+       ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
+    acc_t m;
+    const auto smp = s_img.sample_at(og, ky, kx, pp.oh, pp.ow, &m);
+    sum += static_cast<acc_t>(w[oc * e.taps + tap]) * m *
+           sample_value<acc_t, scalar_t, int64_t>(plane, e.x_sy, e.x_sx, smp);
+  }
+  out[pp.n * e.o_sn + oc * e.o_sc + pp.oh * e.o_sy + pp.ow * e.o_sx] = static_cast<scalar_t>(sum);
 }
 
 // --- weight gradient ------------------------------------------------------------------------
@@ -714,8 +751,19 @@ template <typename scalar_t, typename Sampler>
 void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, const DeformGeometry& g, const Sampler& sampler,
                        at::Tensor& out) {
-  const at::Tensor w_okc = weight.permute({0, 2, 3, 1}).contiguous();  // (OC, kh, kw, Cg)
   const EngineParams e = engine_params(g, input, out);
+  if (e.Cg == 1) {  // depthwise: the direct kernel
+    const at::Tensor w = weight.contiguous();
+    const int64_t total = g.N * g.OC * e.HoWo;
+    launch_kernel("igemm_forward_depthwise", igemm_forward_depthwise<scalar_t, Sampler>,
+                  {checked_grid("igemm_forward_depthwise", blocks_for(total, 256), 1, 1),
+                   Dim3(256), 0, 256},
+                  input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
+                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                  out.mutable_data_ptr<scalar_t>(), sampler, e);
+    return;
+  }
+  const at::Tensor w_okc = weight.permute({0, 2, 3, 1}).contiguous();  // (OC, kh, kw, Cg)
   const Dim3 grid = checked_grid("igemm_forward", blocks_for(g.N * e.HoWo, kBN),
                                  blocks_for(e.OCg, kBM), g.groups);
   with_math<scalar_t>([&](auto mma) {
