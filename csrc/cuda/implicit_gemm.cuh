@@ -92,7 +92,8 @@ struct TileLayout {
 // The GEMM shape and tensor strides one launch needs (int64).
 struct EngineParams {
   int64_t N, C, H, W, OC, taps, kw, Cg, OCg, groups, cpo, offset_groups, Ho, Wo, HoWo;
-  int cpo32, Wo32, HoWo32, go_ocp32, go_cols32;  // the same, for 32-bit divisions
+  int cpo32, Wo32, HoWo32, go_ocp32, go_cols32, Cg32, kw32, groups32;  // for 32-bit divisions
+  int64_t slices, per_split;  // weight gradient: slices of kBK pixels, and per split
   int64_t n0, n1;                  // the images this launch covers
   int64_t x_sn, x_sc, x_sy, x_sx;  // input
   int64_t o_sn, o_sc, o_sy, o_sx;  // output or grad_output
@@ -138,19 +139,20 @@ __device__ __forceinline__ void stage_columns(const scalar_t* x_img, const Engin
     for (int j = 0; j < kStageChannels; ++j) sum[j] = acc_t(0);
     if (smp.inside) {
       const scalar_t* p = x_img + smp.y0 * e.x_sy + smp.x0 * e.x_sx + c;
-      const acc_t weights[4] = {smp.w00, smp.w01, smp.w10, smp.w11};
-      const int64_t steps[4] = {0, e.x_sx, e.x_sy, e.x_sy + e.x_sx};
-#pragma unroll
-      for (int corner = 0; corner < 4; ++corner) {
-        if (weights[corner] == acc_t(0)) continue;  // outside the image: never read
+      // Four explicit corners (an array of corners indexed in a loop lands on the stack).
+      const auto add_corner = [&](acc_t weight, const scalar_t* corner) {
+        if (weight == acc_t(0)) return;  // outside the image: never read
 #pragma unroll
         for (int k = 0; k < kStageChannels; k += Pack::kLanes) {
-          const Pack v = *reinterpret_cast<const Pack*>(p + steps[corner] + k);
+          const Pack v = *reinterpret_cast<const Pack*>(corner + k);
 #pragma unroll
-          for (int l = 0; l < Pack::kLanes; ++l)
-            sum[k + l] += weights[corner] * static_cast<acc_t>(v.v[l]);
+          for (int l = 0; l < Pack::kLanes; ++l) sum[k + l] += weight * static_cast<acc_t>(v.v[l]);
         }
-      }
+      };
+      add_corner(smp.w00, p);
+      add_corner(smp.w01, p + e.x_sx);
+      add_corner(smp.w10, p + e.x_sy);
+      add_corner(smp.w11, p + e.x_sy + e.x_sx);
     }
 #pragma unroll
     for (int j = 0; j < kStageChannels; ++j) dst[j * dst_stride] = static_cast<scalar_t>(m * sum[j]);
@@ -308,7 +310,7 @@ __device__ __forceinline__ bool tap_reaches_image(int* flag, const Sampler& s_im
 // --- forward --------------------------------------------------------------------------------
 
 template <typename scalar_t, bool kMma, typename Sampler>
-__global__ void __launch_bounds__(kIgThreads)
+__global__ void __launch_bounds__(kIgThreads, 1)
 igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc,
               const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, Sampler sampler,
               EngineParams e) {
@@ -414,7 +416,7 @@ igemm_forward_depthwise(const scalar_t* __restrict__ x, const scalar_t* __restri
 // partial[split][oc][tap * Cg + c] over the split's slices of 32 pixels. Grid: (column tiles
 // of 64 = taps * ceil(Cg / 64), ceil(OCg / 64), groups * splits).
 template <typename scalar_t, bool kMma, typename Sampler>
-__global__ void __launch_bounds__(kIgThreads)
+__global__ void __launch_bounds__(kIgThreads, 1)
 igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
                   at::opmath_type<scalar_t>* __restrict__ partial, Sampler sampler,
                   EngineParams e) {
@@ -426,15 +428,14 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
   scalar_t* Bs = reinterpret_cast<scalar_t*>(smem + L::a_bytes);
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);
   const int tid = threadIdx.x;
-  const int64_t col_tiles = (e.Cg + kBN - 1) / kBN;
-  const int64_t tap = blockIdx.x / col_tiles, c0 = (blockIdx.x % col_tiles) * kBN;
-  const int64_t ky = tap / e.kw, kx = tap % e.kw;
+  // 32-bit divisions only (block indices, tap counts and groups fit): no division calls.
+  const int col_tiles = (e.Cg32 + kBN - 1) / kBN, bx = blockIdx.x;
+  const int tap = bx / col_tiles, ky = tap / e.kw32, kx = tap - ky * e.kw32;
+  const int64_t c0 = static_cast<int64_t>(bx - tap * col_tiles) * kBN;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
-  const int64_t grp = blockIdx.z % e.groups, split = blockIdx.z / e.groups;
+  const int bz = blockIdx.z, split = bz / e.groups32, grp = bz - split * e.groups32;
   const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
-  const int64_t slices = ((e.n1 - e.n0) * e.HoWo + kBK - 1) / kBK;
-  const int64_t per_split = (slices + e.splits - 1) / e.splits;
-  const int64_t s_begin = split * per_split, s_end = std::min(slices, s_begin + per_split);
+  const int64_t s_begin = split * e.per_split, s_end = std::min(e.slices, s_begin + e.per_split);
   // staging: each thread one pixel of the slice; A rows bc, bc + 4, ...; B columns
   // bc * 16 .. bc * 16 + 15
   const int bq = tid % kBK, bc = tid / kBK;
@@ -664,7 +665,7 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
 
 #define CONVOPS_DATA_GRAD_KERNEL(name, fixed_point)                                             \
   template <typename scalar_t, bool kMma, typename Sampler>                                    \
-  __global__ void __launch_bounds__(kIgThreads)                                                \
+  __global__ void __launch_bounds__(kIgThreads, 1)                                             \
   name(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,                  \
        const scalar_t* __restrict__ w_gkco, Sampler sampler, EngineParams e,                   \
        GradInputTarget<at::opmath_type<scalar_t>> gi, scalar_t* __restrict__ grad_offset,      \
@@ -724,6 +725,9 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
   e.Ho = g.Ho; e.Wo = g.Wo; e.HoWo = g.Ho * g.Wo;
   e.cpo32 = static_cast<int>(e.cpo); e.Wo32 = static_cast<int>(e.Wo);
   e.HoWo32 = static_cast<int>(e.HoWo);
+  e.Cg32 = static_cast<int>(e.Cg); e.kw32 = static_cast<int>(e.kw);
+  e.groups32 = static_cast<int>(e.groups);
+  e.slices = e.per_split = 0;
   e.n0 = 0; e.n1 = g.N;
   e.x_sn = x.stride(0); e.x_sc = x.stride(1); e.x_sy = x.stride(2); e.x_sx = x.stride(3);
   e.o_sn = o.stride(0); e.o_sc = o.stride(1); e.o_sy = o.stride(2); e.o_sx = o.stride(3);
@@ -789,6 +793,8 @@ void igemm_weight_grad_run(const at::Tensor& grad_output, const at::Tensor& inpu
   const int64_t wanted = blocks_for(kWgTargetBlocks, tiles_x * tiles_y * g.groups);
   e.splits = std::max<int64_t>(
       1, std::min({wanted, kMaxWgSplits, slices, kMaxGridYZ / g.groups}));
+  e.slices = slices;
+  e.per_split = blocks_for(slices, e.splits);
   const at::Tensor partial =
       at::empty({e.splits, g.OC, g.taps() * e.Cg},
                 input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
