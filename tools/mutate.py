@@ -24,6 +24,19 @@ ROOT = Path(__file__).resolve().parents[1]
 DW_CU = "csrc/cuda/depthwise_conv2d.cu"
 DW_TESTS = ["tests/test_depthwise.py", "-k",
             "tuned_kernels or misaligned or large_kernels_gpu or huge_stride"]
+# CPU kernels: the op's CPU tests (emulated CUDA tests excluded) and the realistic grids.
+DW_CPU, DW_NHWC = "csrc/cpu/depthwise_conv2d.cpp", "csrc/cpu/nhwc_kernels.h"
+DIRECT, DIL_CPU = "csrc/cpu/direct_conv.h", "csrc/cpu/dilated_conv2d.cpp"
+ENGINE, DEF_CPU = "csrc/cpu/gather_engine.h", "csrc/cpu/deform_conv2d.cpp"
+DW_CPU_TESTS = ("tests/test_depthwise.py", "tests/test_realistic.py", "-k",
+                "not gpu and not compile and not export and not onnx and (depthwise or "
+                "matches or gradcheck or non_contiguous)")
+DIL_CPU_TESTS = ("tests/test_dilated.py", "tests/test_realistic.py", "-k",
+                 "not gpu and not compile and not export and not aspp_compiles and (dilated or "
+                 "matches or chunk or wide or repeated or thread or gradcheck)")
+DEF_CPU_TESTS = ("tests/test_deform.py", "tests/test_realistic.py", "-k",
+                 "not gpu and not compile and not export and (deform or matches or chunk or "
+                 "offsets or gradcheck)")
 
 
 @dataclass(frozen=True)
@@ -105,6 +118,101 @@ MUTANTS = [
            "{&x, &w_hwc, &out})) return false;", "{&x, &out})) return false;"),
     Mutant("nchw-tile-plan-too-short", DW_CU,
            "t.tiles_h = (g.Ho + t.tile_h - 1) / t.tile_h;", "t.tiles_h = g.Ho / t.tile_h + (g.Ho < t.tile_h);"),
+    # === CPU kernels ==========================================================================
+    # --- CPU depthwise NHWC (cpu/nhwc_kernels.h): register-blocked rows, weight gradient -----
+    Mutant("cpu-nhwc-vectors-use-previous-weights", DW_NHWC,  # the mutation of issue #16
+           "const acc_t* wrow = w_t + ky * kw * C + c;",
+           "const acc_t* wrow = w_t + ky * kw * C + (c >= VW ? c - VW : 0);", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-pad-drops-right-column", DW_NHWC,
+           "if (sx >= 0 && sx < W) {", "if (sx >= 0 && sx < W - 1) {", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-last-pixel-off-by-one", DW_NHWC,
+           "a3 += load_vec<acc_t>(gp + 3 * C) * load_vec<acc_t>(xp + 3 * step);",
+           "a3 += load_vec<acc_t>(gp + 3 * C) * load_vec<acc_t>(xp + 2 * step);", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-tap-ignores-dilation", DW_NHWC,
+           "const acc_t* x = xrow + kx * dw * C;", "const acc_t* x = xrow + kx * C;",
+           DW_CPU_TESTS),
+    # --- CPU depthwise backward (cpu/depthwise_conv2d.cpp) -----------------------------------
+    Mutant("cpu-nhwc-wgrad-skips-last-vector", DW_CPU,
+           "at::parallel_for(0, L.channels / VW, 1,", "at::parallel_for(0, (L.channels - 1) / VW, 1,",
+           DW_CPU_TESTS),
+    Mutant("cpu-nhwc-igrad-stride1-padding-off-by-one", DW_CPU,
+           "g.Wo, g.H, g.W, 1, 1, (g.kh - 1) * g.dh - g.ph,",
+           "g.Wo, g.H, g.W, 1, 1, (g.kh - 1) * g.dh - g.ph + 1,", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-igrad-multiplier-wrong-channel", DW_CPU,
+           "acc[oc / g.multiplier] +=", "acc[oc % g.C] +=", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-multiplier-wrong-channel-block", DW_CPU,
+           "gathered[i] = px[(oc0 + i) / g.multiplier];", "gathered[i] = px[i / g.multiplier];",
+           DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-stride1-flip-padding", DW_CPU,
+           "const int64_t top = flipped_tap_padding(g.kh, g.dh, g.ph);",
+           "const int64_t top = flipped_tap_padding(g.kh, g.dh, g.ph) + 1;", DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-strided-drops-last-tap", DW_CPU,
+           "for (int64_t kx = 0; kx < g.kw; ++kx) {\n              const auto r = cols[kx];",
+           "for (int64_t kx = 0; kx + 1 < g.kw; ++kx) {\n              const auto r = cols[kx];",
+           DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-strided-wrong-sign", DW_CPU,
+           "g.sw, static_cast<acc_t>(filter[ky * g.kw + kx]), go_row",
+           "g.sw, -static_cast<acc_t>(filter[ky * g.kw + kx]), go_row", DW_CPU_TESTS),
+    Mutant("cpu-nchw-wgrad-multiplier-wrong-channel", DW_CPU,
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n < g.N; ++n) {",
+           "const int64_t c = oc % g.C;\n      for (int64_t n = 0; n < g.N; ++n) {", DW_CPU_TESTS),
+    Mutant("cpu-nchw-wgrad-skips-last-image", DW_CPU,
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n < g.N; ++n) {",
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n + 1 < g.N; ++n) {",
+           DW_CPU_TESTS),
+    # --- CPU dilated, direct path (cpu/direct_conv.h, cpu/dilated_conv2d.cpp) ----------------
+    Mutant("cpu-direct-pack-drops-last-column", DIRECT,
+           "x1 = std::min(p.W, Wp - p.pw);", "x1 = std::min(p.W - 1, Wp - p.pw);", DIL_CPU_TESTS),
+    Mutant("cpu-direct-skips-right-border-tap", DIRECT,
+           "first * stride + k * dilation - pad < size;",
+           "first * stride + k * dilation - pad < size - 1;", DIL_CPU_TESTS),
+    Mutant("cpu-direct-igrad-taps-not-flipped", DIRECT,
+           "const int64_t st = for_input_grad ? K - 1 - t : t;", "const int64_t st = t;",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-igrad-weights-not-transposed", DIRECT,
+           "sc = for_input_grad ? p.OCg * K : K;", "sc = for_input_grad ? p.Cg * K : K;",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-wgrad-wrong-channel-block", DIRECT,
+           "g * p.Cg + c0;\n        a.x_row_step", "g * p.Cg + (c0 > 0 ? c0 - 1 : 0);\n        a.x_row_step",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-grad-output-pack-wrong-group", DIRECT,
+           "grad_out.const_data_ptr<scalar_t>() + g * p.OCg * grad_out.stride(0),",
+           "grad_out.const_data_ptr<scalar_t>() + p.OCg * grad_out.stride(0) * (g > 0),",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-shared-grad-output-pack-off-by-one", DIL_CPU,
+           "(q.ph * Wq + q.pw) * Cs, Wq * Cs, Cs, p.OCg};",
+           "(q.ph * Wq + q.pw + 1) * Cs, Wq * Cs, Cs, p.OCg};", DIL_CPU_TESTS),
+    # --- CPU gather engine (cpu/gather_engine.h): dilated fallback and deformable -----------
+    Mutant("cpu-engine-grid-col2im-ignores-stride", ENGINE,
+           "for (int64_t i = 0; i < count; ++i) d[i * g.sw] += s[i];",
+           "for (int64_t i = 0; i < count; ++i) d[i] += s[i];", DIL_CPU_TESTS),
+    Mutant("cpu-engine-later-chunks-one-pixel-short", ENGINE,
+           "const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);\n      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);\n      chunk_im2col",
+           "const int64_t P = std::min(chunk, g.Ho * g.Wo - p0) - (p0 > 0 && chunk > 1);\n      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);\n      chunk_im2col",
+           DIL_CPU_TESTS),
+    Mutant("cpu-engine-backward-chunk-reads-previous-pixel", ENGINE,
+           "go_n.narrow(1, p0, P).to(acc_type);", "go_n.narrow(1, p0 > 0 ? p0 - 1 : 0, P).to(acc_type);",
+           DEF_CPU_TESTS),
+    Mutant("cpu-engine-col2im-drops-bottom-right-corner", ENGINE,
+           "if (smp.w11 != acc_t(0)) q[g.W + 1] += v * smp.w11;", "", DEF_CPU_TESTS),
+    Mutant("cpu-engine-col2im-ignores-mask", ENGINE,
+           "const acc_t v = d[p] * s.mod(og, tap, K, p);", "const acc_t v = d[p];", DEF_CPU_TESTS),
+    # --- CPU deformable offset/mask gradients (cpu/deform_conv2d.cpp) -------------------------
+    Mutant("cpu-deform-offset-grad-ignores-mask", DEF_CPU,
+           "static_cast<scalar_t>(gy * m);", "static_cast<scalar_t>(gy);", DEF_CPU_TESTS),
+    Mutant("cpu-deform-offset-grad-skips-last-channel", DEF_CPU,
+           "c < (og + 1) * cpo; ++c", "c + 1 < (og + 1) * cpo; ++c", DEF_CPU_TESTS),
+    Mutant("cpu-deform-mask-grad-wrong-sign", DEF_CPU,
+           "grad_mask[row * HWo + pix] = static_cast<scalar_t>(gm);",
+           "grad_mask[row * HWo + pix] = static_cast<scalar_t>(-gm);", DEF_CPU_TESTS),
+    # --- shared per-element math (common/), CPU and CUDA: checked through the CPU tests -----
+    Mutant("common-bilinear-drops-right-border-column", "csrc/common/bilinear.h",
+           "right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 1;\n  s.w00",
+           "right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 2;\n  s.w00", DEF_CPU_TESTS),
+    Mutant("common-deform-sampler-dx-reads-dy", "csrc/common/deform.h",
+           "offset[(ch + 1) * off_sc + at]);", "offset[ch * off_sc + at]);", DEF_CPU_TESTS),
+    Mutant("common-coordinate-grad-wrong-sign", "csrc/common/deform.h",
+           "*gy += d * dy;", "*gy -= d * dy;", DEF_CPU_TESTS),
 ]
 
 
@@ -127,7 +235,9 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="run mutants whose name contains this")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--tree", default="/tmp/convops-mutate", help="scratch copy of the repo")
+    # One scratch tree per worktree: two worktrees mutating one tree would mix their edits.
+    ap.add_argument("--tree", default=f"/tmp/convops-mutate-{ROOT.name}",
+                    help="scratch copy of the repo")
     args = ap.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
     if args.list:
@@ -140,10 +250,11 @@ def main(argv=None):
     tree = Path(args.tree)
     if not tree.exists():
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    for m in MUTANTS:  # the scratch tree gets today's sources and tests
-        shutil.copy(ROOT / m.path, tree / m.path)
-    shutil.copytree(ROOT / "tests", tree / "tests", dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    # The scratch tree gets today's sources, Python package and tests (a stale test file or
+    # header made a mutant look alive); copytree keeps the build's incremental state.
+    for sub in ("csrc", "convops", "tests"):
+        shutil.copytree(ROOT / sub, tree / sub, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     log = tree / "mutate.log"
     assert _build(tree, log) == 0, f"the unmutated tree does not build: {log}"
     results = []
