@@ -11,6 +11,8 @@
 
 #ifdef CONVOPS_BUILD_PYTHON
 #include <Python.h>
+
+#include "cpu/path_counts.h"
 #endif
 
 #ifndef CONVOPS_TORCH_VERSION
@@ -35,7 +37,20 @@ PyObject* dilated_cpu_kernels(PyObject*, PyObject*) {
   return PyUnicode_FromString(convops::cpu::dilated_cpu_kernels().c_str());
 }
 
+// {path: runs} of the CPU kernel paths so far in this process (cpu/path_counts.h).
+PyObject* cpu_path_counts(PyObject*, PyObject*) {
+  PyObject* out = PyDict_New();
+  for (const auto& [name, count] : convops::cpu::path_counts_snapshot()) {
+    PyObject* value = PyLong_FromLongLong(count);
+    PyDict_SetItemString(out, name.c_str(), value);
+    Py_DECREF(value);
+  }
+  return out;
+}
+
 PyMethodDef convops_methods[] = {
+    {"cpu_path_counts", cpu_path_counts, METH_NOARGS,
+     "Test hook: {CPU kernel path: number of runs} in this process."},
     {"dilated_cpu_kernels", dilated_cpu_kernels, METH_NOARGS,
      "Which CPU kernels dilated_conv2d runs on this machine with the current environment."},
     {nullptr, nullptr, 0, nullptr}};

@@ -32,10 +32,38 @@ def bilinear_gather(plane, y, x):
     return out
 
 
+def _batched_gather(planes, y, x, corners_abs=False):
+    """bilinear_gather for a batch: planes (B, C, H, W), points y, x (B, T, Ho, Wo) ->
+    (B, C, T, Ho, Wo). With corners_abs the four neighbours of floor(y), floor(x) are summed
+    with weight one (planes is then |input|): an upper bound of every bilinear weight times
+    its corner, for error bounds."""
+    B, C, H, W = planes.shape
+    inside = (y > -2) & (y < H + 1) & (x > -2) & (x < W + 1)
+    y = torch.where(inside, y, torch.zeros_like(y))
+    x = torch.where(inside, x, torch.zeros_like(x))
+    if corners_abs:
+        y, x = y.detach(), x.detach()
+    y0, x0 = torch.floor(y), torch.floor(x)
+    ly, lx = y - y0, x - x0
+    b = torch.arange(B).view(B, 1, 1, 1).expand_as(y)
+    flat = planes.permute(0, 2, 3, 1)  # (B, H, W, C): one index picks every channel
+    out = planes.new_zeros(y.shape + (C,))
+    for dy, dx, wgt in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx),
+                        (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
+        yy, xx = (y0 + dy).long(), (x0 + dx).long()
+        ok = inside & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+        if corners_abs:  # every point near the image (it may have an offset gradient)
+            wgt = torch.ones_like(wgt)
+        vals = flat[b, yy.clamp(0, H - 1), xx.clamp(0, W - 1)]
+        out = out + torch.where(ok, wgt, torch.zeros_like(wgt)).unsqueeze(-1) * vals
+    return out.permute(0, 4, 1, 2, 3)
+
+
 def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0),
-                  dilation=(1, 1), mask=None):
-    """Deformable convolution written out: sample every tap with bilinear_gather, then a
-    grouped matrix product. Differentiable by autograd; float64 throughout."""
+                  dilation=(1, 1), mask=None, corners_abs=False):
+    """Deformable convolution written out: every tap of every image sampled at once by the
+    batched form of bilinear_gather (same rule), then a grouped matrix product.
+    Differentiable by autograd; float64 throughout. corners_abs: see _batched_gather."""
     input, offset, weight = input.double(), offset.double(), weight.double()
     N, C, H, W = input.shape
     OC, cpg, kh, kw = weight.shape
@@ -51,27 +79,49 @@ def deform_conv2d(input, offset, weight, bias=None, stride=(1, 1), padding=(0, 0
             deps = deps + mask.double().sum((1, 2, 3))
         out = (deps * 0).view(0, 1, 1, 1).expand(0, OC, Ho, Wo)
         return out if bias is None else out + bias.double().view(1, -1, 1, 1)
-    base_y = (torch.arange(Ho, dtype=torch.float64) * sh - ph).view(Ho, 1)
-    base_x = (torch.arange(Wo, dtype=torch.float64) * sw - pw).view(1, Wo)
-    outs = []
-    for n in range(N):
-        cols = []  # (C, taps, Ho, Wo)
-        for c0 in range(0, C, C // og):
-            g = c0 // (C // og)
-            per_tap = []
-            for tap in range(taps):
-                ky, kx = divmod(tap, kw)
-                y = base_y + ky * dh + offset[n, 2 * (g * taps + tap)]
-                x = base_x + kx * dw + offset[n, 2 * (g * taps + tap) + 1]
-                v = bilinear_gather(input[n, c0:c0 + C // og], y, x)
-                if mask is not None:
-                    v = v * mask[n, g * taps + tap].double()
-                per_tap.append(v)
-            cols.append(torch.stack(per_tap, 1))
-        cols = torch.cat(cols, 0).reshape(groups, cpg * taps, Ho * Wo)
-        w = weight.reshape(groups, OC // groups, cpg * taps)
-        outs.append(torch.bmm(w, cols).reshape(OC, Ho, Wo))
-    out = torch.stack(outs)
+    ky = torch.arange(kh, dtype=torch.float64).repeat_interleave(kw).view(1, taps, 1, 1)
+    kx = torch.arange(kw, dtype=torch.float64).repeat(kh).view(1, taps, 1, 1)
+    base_y = (torch.arange(Ho, dtype=torch.float64) * sh - ph).view(1, 1, Ho, 1) + ky * dh
+    base_x = (torch.arange(Wo, dtype=torch.float64) * sw - pw).view(1, 1, 1, Wo) + kx * dw
+    off = offset.reshape(N * og, taps, 2, Ho, Wo)
+    y, x = base_y + off[:, :, 0], base_x + off[:, :, 1]
+    cols = _batched_gather(input.reshape(N * og, C // og, H, W), y, x, corners_abs)
+    if mask is not None:  # (N*og, C/og, taps, Ho, Wo) * (N*og, 1, taps, Ho, Wo)
+        cols = cols * mask.double().reshape(N * og, 1, taps, Ho, Wo)
+    cols = cols.reshape(N, groups, cpg * taps, Ho * Wo)
+    w = weight.reshape(1, groups, OC // groups, cpg * taps)
+    out = torch.matmul(w, cols).reshape(N, OC, Ho, Wo)
     if bias is not None:
         out = out + bias.double().view(1, -1, 1, 1)
     return out
+
+
+def conv_abs_terms(op, leaves, grad_output, **kwargs):
+    """sum|terms| of a bilinear op's forward and of each gradient: op evaluated on |leaves|
+    (float64), and its vector-Jacobian product with |grad_output|. Returns (forward, grads)."""
+    absl = [t.detach().double().cpu().abs().requires_grad_() for t in leaves]
+    out = op(*absl, **kwargs)
+    grads = torch.autograd.grad(out, absl, grad_output.detach().double().cpu().abs())
+    return out.detach(), [g.detach() for g in grads]
+
+
+def deform_abs_terms(input, offset, weight, bias, stride, padding, dilation, mask,
+                     grad_output):
+    """sum|terms| for deform_conv2d's forward and gradients (conftest.py states the bound):
+    every bilinear weight replaced by one (its fp32 error is absolute, ~u*|position|), so
+    {forward, input, weight, mask, offset, bias} get sums of |w * m * corner| products."""
+    ax = input.detach().double().abs().requires_grad_()
+    aw = weight.detach().double().abs().requires_grad_()
+    am = (mask.detach().double().abs() if mask is not None else
+          torch.ones(offset.shape[0], offset.shape[1] // 2, *offset.shape[2:],
+                     dtype=torch.float64)).requires_grad_()
+    ab = bias.detach().double().abs() if bias is not None else None
+    out = deform_conv2d(ax, offset.detach().double(), aw, ab, stride, padding, dilation, am,
+                        corners_abs=True)
+    go = grad_output.detach().double().abs()
+    gx, gw, gm = torch.autograd.grad(out, [ax, aw, am], go)
+    # d/d(offset) of one sample: sum over its channels of dcols * (+-weight slopes) * corners,
+    # bounded by the mask gradient's terms times |mask|, for y and for x.
+    goff = (gm * am.detach()).repeat_interleave(2, dim=1)
+    return dict(forward=out.detach(), input=gx, weight=gw, mask=gm, offset=goff,
+                bias=go.sum((0, 2, 3)))

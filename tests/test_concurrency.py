@@ -23,12 +23,12 @@ def _work(seed):
 
 def test_two_threads_at_once_match_serial_results():
     expected = {seed: _work(seed) for seed in (1, 2)}
-    results, errors = {}, []
+    results, errors = {1: [], 2: []}, []
 
     def run(seed):
         try:
             for _ in range(3):
-                results[seed] = _work(seed)
+                results[seed].append(_work(seed))
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -40,8 +40,10 @@ def test_two_threads_at_once_match_serial_results():
     assert not errors, errors
     # Not bit-equality: BLAS may pick another blocking when two callers share the cores.
     for seed in (1, 2):
-        for got, want in zip(results[seed], expected[seed]):
-            assert_close(got, want.double(), torch.float32, f"thread {seed}")
+        assert len(results[seed]) == 3
+        for i, result in enumerate(results[seed]):  # every iteration, not only the last
+            for got, want in zip(result, expected[seed]):
+                assert_close(got, want.double(), torch.float32, f"thread {seed} iteration {i}")
 
 
 def _all_ops(x):
@@ -56,14 +58,19 @@ def _all_ops(x):
 def test_ops_run_on_the_current_stream():
     x = torch.randn(2, 8, 16, 16, device="cuda")
     expected = _all_ops(x)
+    torch.cuda.synchronize()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        # Work queued on `side` only: if a kernel ran on the default stream it would race
-        # with the input written just before on `side`.
-        y = x * 1.0
+        # The producer stream is held up (~100 ms of spinning) before it writes the input, so
+        # a convops kernel launched on any other stream would run first and read the zeros
+        # (stale data); on the current stream it waits for the copy.
+        y = torch.zeros_like(x)
+        torch.cuda._sleep(200_000_000)
+        y.copy_(x)
         out = _all_ops(y)
     torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
     assert torch.equal(out, expected)
 
 

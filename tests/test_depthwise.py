@@ -9,6 +9,7 @@ from torch import nn
 import convops
 from conftest import (DTYPES, HAS_CUDA, assert_close, check_gpu_against_cpu, requires_cuda,
                       stable_seed)
+from reference import conv_abs_terms
 from reference import depthwise_conv2d as reference
 
 def _grid(count, seed):
@@ -64,17 +65,24 @@ def _check_against_reference(case, device):
     rx, rw = ref_leaves[0], ref_leaves[1]
     rb = ref_leaves[2] if b is not None else None
     ref = reference(rx, rw, rb, *args)
+    tag = f"[seed {stable_seed(case)} case {case}]"
     assert out.dtype == x.dtype and out.device == x.device
-    assert_close(out, ref, case["dtype"], "forward")
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(stable_seed(case, 1)),
+                       dtype=torch.float64).to(x.dtype)
+    # Sums of |terms| for conftest's element-wise float16/bfloat16 bound.
+    abs_out, abs_grads = conv_abs_terms(
+        lambda *t: reference(t[0], t[1], t[2] if len(t) > 2 else None, *args), ref_leaves, grad)
+    kh, kw = case["kernel"]
+    N, (Ho, Wo) = case["batch"], ref.shape[2:]
+    terms = [case["multiplier"] * kh * kw, N * Ho * Wo, N * Ho * Wo]
+    assert_close(out, ref, case["dtype"], f"{tag} forward", abs_out, kh * kw + 1)
     if case["channels_last"] and out.dim() == 4:
         assert out.is_contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(stable_seed(case, 1)),
-                       dtype=torch.float64)
-    grads = torch.autograd.grad(out, leaves, grad.to(device=device, dtype=x.dtype))
-    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.to(x.dtype).double())
-    for name, g, rg in zip(["input", "weight", "bias"], grads, ref_grads):
+    grads = torch.autograd.grad(out, leaves, grad.to(device=device))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, grad.double())
+    for name, g, rg, s, n in zip(["input", "weight", "bias"], grads, ref_grads, abs_grads, terms):
         assert g.dtype == x.dtype
-        assert_close(g, rg, case["dtype"], f"grad_{name}")
+        assert_close(g, rg, case["dtype"], f"{tag} grad_{name}", s, n)
     return out, grads
 
 
@@ -353,14 +361,23 @@ def test_torch_export_module():
     assert_close(exported.module()(x), model(x), torch.float32, "exported")
 
 
-def test_autocast_runs_natively_in_bf16():
-    x = torch.randn(2, 4, 10, 10)
-    w = torch.randn(4, 1, 3, 3, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = convops.depthwise_conv2d(x, w, None, 1, 1)
-    assert out.dtype == torch.bfloat16
-    ref = reference(x.bfloat16(), w.detach().bfloat16(), None, 1, 1)
-    assert_close(out, ref, torch.bfloat16, "autocast")
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_natively_and_matches_fp32(dtype, channels_last):
+    # fp32 operands under autocast: the result equals the float64 convolution of the
+    # dtype-rounded operands within the element-wise bound (conftest.py).
+    x = torch.randn(2, 24, 19, 18)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(24, 1, 3, 3, requires_grad=True)
+    b = torch.randn(24, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = convops.depthwise_conv2d(x, w, b, 1, 1)
+    assert out.dtype == dtype
+    r = [t.detach().to(dtype).double() for t in (x, w, b)]
+    ref = reference(*r, 1, 1)
+    abs_sum = reference(*[t.abs() for t in r], 1, 1)
+    assert_close(out, ref, dtype, "autocast", abs_sum, 10)
     out.float().sum().backward()
     assert w.grad is not None and w.grad.dtype == torch.float32
 

@@ -8,6 +8,7 @@ from torch import nn
 
 import convops
 from conftest import DTYPES, assert_close, check_gpu_against_cpu, requires_cuda, stable_seed
+from reference import conv_abs_terms
 
 def _grid(count, seed):
     rng = random.Random(seed)
@@ -43,36 +44,101 @@ def _check(case, device):
     args = (case["stride"], case["padding"], case["dilation"], case["groups"])
     out = convops.dilated_conv2d(ours[0], ours[1], ours[2] if b is not None else None, *args)
     expected = F.conv2d(ref[0], ref[1], ref[2] if b is not None else None, *args)
+    tag = f"[seed {stable_seed(case)} case {case}]"
     assert out.dtype == case["dtype"]
-    assert_close(out, expected, case["dtype"], "forward")
     if case["channels_last"]:
         assert out.is_contiguous(memory_format=torch.channels_last)
     grad = torch.randn(expected.shape, generator=g, dtype=torch.float64).to(case["dtype"])
+    # Sums of |terms| for conftest's element-wise float16/bfloat16 bound.
+    abs_out, abs_grads = conv_abs_terms(
+        lambda *t: F.conv2d(t[0], t[1], t[2] if len(t) > 2 else None, *args), ref, grad)
+    kh, kw = case["kernel"]
+    cg, ocg = case["channels"] // case["groups"], case["out"] // case["groups"]
+    N, (Ho, Wo) = case["batch"], expected.shape[2:]
+    assert_close(out, expected, case["dtype"], f"{tag} forward", abs_out, cg * kh * kw + 1)
     grads = torch.autograd.grad(out, ours, grad.to(device))
     ref_grads = torch.autograd.grad(expected, ref, grad.double())
-    for name, a, e in zip(["input", "weight", "bias"], grads, ref_grads):
-        assert_close(a, e, case["dtype"], f"grad_{name}")
+    terms = [ocg * kh * kw, N * Ho * Wo, N * Ho * Wo]
+    for name, a, e, s, n in zip(["input", "weight", "bias"], grads, ref_grads, abs_grads, terms):
+        assert_close(a, e, case["dtype"], f"{tag} grad_{name}", s, n)
     return out, grads
 
 
-# CPU implementations: the direct register-blocked kernels (by default with bf16 channel-pair
-# dot products for bfloat16 where the CPU has AVX512-BF16), their float32-only AVX-512 and AVX2
-# builds, and the plain gather engine (float64 always takes the engine).
-CPU_IMPLS = {"direct": {}, "direct-fp32": {"CONVOPS_CPU_ISA": "avx512"},
-             "direct-avx2": {"CONVOPS_CPU_ISA": "avx2"},
-             "engine": {"CONVOPS_CPU_IMPL": "engine"}}
+# CPU paths: the direct register-blocked kernels in each vector build (AVX-512 with bf16
+# channel-pair dot products, AVX-512 float32, AVX2) and the plain gather engine. Each run
+# asserts, through the extension's path counters (_C.cpu_path_counts()), that the path it names
+# is the one that ran; a build the CPU lacks is skipped with that reason. float64 has only the
+# engine, and only bfloat16 with paired channels has a bf16-pair path, so those combinations
+# are not generated (they would repeat another path's run).
+from convops import _C  # noqa: E402
+
+CPU_PATHS = {"avx512-bf16pairs": {}, "avx512": {"CONVOPS_CPU_ISA": "avx512"},
+             "avx2": {"CONVOPS_CPU_ISA": "avx2"}, "engine": {"CONVOPS_CPU_IMPL": "engine"}}
 
 
-@pytest.fixture(params=list(CPU_IMPLS))
-def cpu_impl(request, monkeypatch):
-    for key, value in CPU_IMPLS[request.param].items():
+def _counts():
+    return _C.cpu_path_counts()
+
+
+def use_cpu_path(path, monkeypatch):
+    """Selects `path`, or skips when this CPU cannot run it (the reason names what it lacks)."""
+    for key, value in CPU_PATHS[path].items():
         monkeypatch.setenv(key, value)
-    return request.param
+    runs = _C.dilated_cpu_kernels()
+    if path == "avx512-bf16pairs" and "bf16 pairs avx512bf16" not in runs:
+        pytest.skip(f"this CPU lacks AVX512-BF16 (dilated_cpu_kernels: {runs!r})")
+    if path in ("avx512", "avx2") and runs != f"direct {path}":
+        pytest.skip(f"this CPU lacks {path.upper()} (with {CPU_PATHS[path]}: {runs!r})")
+    if path == "engine":
+        assert runs.startswith("gather engine"), runs
 
 
-@pytest.mark.parametrize("case", _grid(100, seed=11), ids=str)
-def test_matches_conv2d_cpu(case, cpu_impl):
+def _pairs(path, dtype, channels):
+    return path == "avx512-bf16pairs" and dtype == torch.bfloat16 and channels % 2 == 0
+
+
+def expected_paths(path, case):
+    """The counters a forward + full backward of `case` on `path` must advance."""
+    if path == "engine" or case["dtype"] == torch.float64:
+        return {"engine_forward_chunks", "engine_backward_chunks"}
+    isa = "avx512" if path.startswith("avx512") else "avx2"
+    cg, ocg = case["channels"] // case["groups"], case["out"] // case["groups"]
+    keys = {"direct_forward:" + ("avx512bf16" if _pairs(path, case["dtype"], cg) else isa),
+            "direct_weight_grad:" + isa}
+    if tuple(case["stride"]) == (1, 1):
+        keys.add("direct_input_grad:" + ("avx512bf16" if _pairs(path, case["dtype"], ocg)
+                                         else isa))
+    else:
+        keys.add("engine_backward_chunks")  # strided input gradients take the engine
+    return keys
+
+
+def assert_ran(before, keys, case):
+    after = _counts()
+    ran = {k for k, v in after.items() if v > before.get(k, 0)}
+    watched = {k for k in ran if k.startswith(("direct_forward", "direct_input_grad",
+                                               "direct_weight_grad", "engine_"))}
+    assert watched == keys, f"ran {sorted(watched)}, expected {sorted(keys)} for {case}"
+
+
+def _path_cases(cases):
+    out = []
+    for i, case in enumerate(cases):
+        for path in CPU_PATHS:
+            if path != "engine" and case["dtype"] == torch.float64:
+                continue
+            if path == "avx512-bf16pairs" and case["dtype"] != torch.bfloat16:
+                continue
+            out.append(pytest.param(path, case, id=f"{path}-{i}-{case}"))
+    return out
+
+
+@pytest.mark.parametrize("path,case", _path_cases(_grid(100, seed=11)))
+def test_matches_conv2d_cpu(path, case, monkeypatch):
+    use_cpu_path(path, monkeypatch)
+    before = _counts()
     _check(case, "cpu")
+    assert_ran(before, expected_paths(path, case), case)
 
 
 def _wide_grid(count, seed):
@@ -94,9 +160,12 @@ def _wide_grid(count, seed):
     return cases
 
 
-@pytest.mark.parametrize("case", _wide_grid(12, seed=14), ids=str)
-def test_wide_channels_cpu(case, cpu_impl):
+@pytest.mark.parametrize("path,case", _path_cases(_wide_grid(12, seed=14)))
+def test_wide_channels_cpu(path, case, monkeypatch):
+    use_cpu_path(path, monkeypatch)
+    before = _counts()
     _check(case, "cpu")
+    assert_ran(before, expected_paths(path, case), case)
 
 
 def test_weight_grad_independent_of_thread_count():
@@ -124,29 +193,99 @@ def test_matches_conv2d_gpu(case, deterministic_mode, gpu):
     _check_gpu(case, gpu)
 
 
-@pytest.mark.parametrize("budget", ["1", "97", "1000"])
-@pytest.mark.parametrize("case", _grid(4, seed=17), ids=str)
+def chunks_per_image(case, budget):
+    """Column chunks per image of the gather engine (CPU and CUDA) under CONVOPS_COLUMN_BUDGET:
+    ceil(Ho*Wo / max(1, budget // (C*kh*kw)))."""
+    (kh, kw), (sh, sw), (dh, dw) = case["kernel"], case["stride"], case["dilation"]
+    H, W = case["size"]
+    pad = case["padding"]
+    if pad == "valid":
+        pad = (0, 0)
+    if pad == "same":
+        return -(-H * W // max(1, int(budget) // (case["channels"] * kh * kw)))
+    ph, pw = (pad, pad) if isinstance(pad, int) else pad
+    Ho, Wo = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return -(-Ho * Wo // max(1, int(budget) // (case["channels"] * kh * kw)))
+
+
+def force_chunks(case, budget, monkeypatch):
+    """The gather engine (CONVOPS_CPU_IMPL=engine on CPU; CUDA has only the engine) with a
+    column budget of `budget` elements; returns the chunks per image it must run (>= 2)."""
+    monkeypatch.setenv("CONVOPS_CPU_IMPL", "engine")
+    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", str(budget))
+    chunks = chunks_per_image(case, budget)
+    assert chunks >= 2, f"budget {budget} gives one chunk for {case}"
+    return chunks
+
+
+def assert_cpu_chunks(before, case, chunks):
+    after = _counts()
+    for key in ("engine_forward_chunks", "engine_backward_chunks"):
+        ran = after.get(key, 0) - before.get(key, 0)
+        assert ran == case["batch"] * chunks, f"{key}: {ran} chunks, expected " \
+                                              f"{case['batch']} x {chunks} for {case}"
+
+
+def assert_gpu_chunks(before, case, chunks):
+    # One gather_im2col launch per chunk in the forward and again for the weight gradient.
+    from convops import emulator
+    ran = emulator.launch_counts().get("gather_im2col", 0) - before
+    assert ran >= case["batch"] * chunks, f"{ran} im2col launches for {case['batch']} x " \
+                                          f"{chunks} chunks of {case}"
+
+
+def _launches(name="gather_im2col"):
+    from convops import emulator
+    return emulator.launch_counts().get(name, 0)
+
+
+def _chunked(cases, budgets):
+    """(case, budget) pairs for which the budget splits every image into >= 2 chunks."""
+    return [pytest.param(c, b, id=f"{b}-{c}") for c in cases for b in budgets
+            if chunks_per_image(c, b) >= 2]
+
+
+@pytest.mark.parametrize("case,budget", _chunked(_grid(4, seed=17), ["1", "97", "1000"]))
 def test_small_column_chunks_gpu(case, budget, deterministic_mode, gpu, monkeypatch):
     # Several chunks per image in the CUDA engine, starting and ending mid-row.
-    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    chunks = force_chunks(case, budget, monkeypatch)
+    before = _launches() if gpu.emulated else 0
     _check_gpu(case, gpu)
+    if gpu.emulated:
+        assert_gpu_chunks(before, case, chunks)
 
 
-@pytest.mark.parametrize("budget", ["1", "97", "1000"])
-@pytest.mark.parametrize("case", _grid(12, seed=13), ids=str)
+@pytest.mark.parametrize("case,budget", _chunked(_grid(12, seed=13), ["1", "97", "1000"]))
 def test_small_column_chunks(case, budget, monkeypatch):
     # Chunks of a few pixels start and end mid-row: every chunk boundary rule is exercised.
-    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", budget)
+    chunks = force_chunks(case, budget, monkeypatch)
+    before = _counts()
     _check(case, "cpu")
+    assert_cpu_chunks(before, case, chunks)
+
+
+# The case that once crashed: d=36 on a 65x65 map (CPU), and a reduced one for the emulated
+# CUDA engine, with chunks that split rows.
+ASPP_CASE = dict(batch=1, channels=64, out=8, groups=1, kernel=(3, 3), stride=(1, 1),
+                 padding=(36, 36), dilation=(36, 36), size=(65, 65), bias=True,
+                 channels_last=False, dtype=torch.float32)
 
 
 def test_aspp_rates_with_chunking(monkeypatch):
-    # The case that once crashed: d=36 on a 65x65 map with chunks that split rows.
-    monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", str(64 * 9 * 50))
-    case = dict(batch=1, channels=64, out=8, groups=1, kernel=(3, 3), stride=(1, 1),
-                padding=(36, 36), dilation=(36, 36), size=(65, 65), bias=True,
-                channels_last=False, dtype=torch.float32)
-    _check(case, "cpu")
+    chunks = force_chunks(ASPP_CASE, 64 * 9 * 50, monkeypatch)
+    before = _counts()
+    _check(ASPP_CASE, "cpu")
+    assert_cpu_chunks(before, ASPP_CASE, chunks)
+
+
+def test_aspp_rates_with_chunking_gpu(gpu, monkeypatch):
+    case = ASPP_CASE | dict(channels=8, out=4, size=(40, 39), padding=(18, 18),
+                            dilation=(18, 18))
+    chunks = force_chunks(case, 8 * 9 * 50, monkeypatch)
+    before = _launches() if gpu.emulated else 0
+    _check_gpu(case, gpu)
+    if gpu.emulated:
+        assert_gpu_chunks(before, case, chunks)
 
 
 def test_gradcheck():
@@ -206,8 +345,22 @@ def test_deterministic_backward_and_autocast():
         out = convops.dilated_conv2d(x, w, None, 1, 4, 4)
         runs.append(torch.autograd.grad(out, (x, w), torch.ones_like(out)))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert convops.dilated_conv2d(x, w, None, 1, 4, 4).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_is_native_and_matches_fp32(dtype):
+    # The float64 convolution of the dtype-rounded operands, within the element-wise bound.
+    x = torch.randn(2, 24, 15, 16).to(memory_format=torch.channels_last)
+    w = torch.randn(20, 24, 3, 3, requires_grad=True)
+    with torch.autocast("cpu", dtype=dtype):
+        out = convops.dilated_conv2d(x, w, None, 1, 4, 4)
+    assert out.dtype == dtype
+    rx, rw = x.to(dtype).double(), w.detach().to(dtype).double()
+    ref = F.conv2d(rx, rw, None, 1, 4, 4)
+    abs_sum = F.conv2d(rx.abs(), rw.abs(), None, 1, 4, 4)
+    assert_close(out, ref, dtype, "autocast", abs_sum, 24 * 9 + 1)
+    out.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and torch.isfinite(w.grad).all()
 
 
 def test_empty_batch():
@@ -296,10 +449,25 @@ def test_repeated_calls_with_changing_geometry():
 
 
 def test_reports_which_cpu_kernels_run(monkeypatch):
-    from convops import _C
-    assert _C.dilated_cpu_kernels()  # e.g. "direct avx512, bf16 pairs avx512bf16"
+    # The report names the kernels that really run: checked against the path counters.
+    x = torch.randn(2, 8, 12, 12)
+    w = torch.randn(8, 8, 3, 3)
+    cap = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", "DEFAULT", ...
+    runs = _C.dilated_cpu_kernels()
+    expected = {"AVX512": "direct avx512", "AVX2": "direct avx2"}.get(
+        cap, "gather engine (im2col + at::mm)")
+    assert runs.split(",")[0] == expected, (runs, cap)
+    before = _counts()
+    convops.dilated_conv2d(x, w, None, 1, 2, 2)
+    ran = {k for k, v in _counts().items() if v > before.get(k, 0)}
+    assert ran == ({"direct_forward:" + runs.split(",")[0].split()[1]}
+                   if runs.startswith("direct") else {"engine_forward_chunks"}), (runs, ran)
     monkeypatch.setenv("CONVOPS_CPU_IMPL", "engine")
-    assert _C.dilated_cpu_kernels().startswith("gather engine")
+    assert _C.dilated_cpu_kernels() == "gather engine (im2col + at::mm)"
+    before = _counts()
+    convops.dilated_conv2d(x, w, None, 1, 2, 2)
+    assert {k for k, v in _counts().items() if v > before.get(k, 0)} == {"engine_forward_chunks"}
     monkeypatch.delenv("CONVOPS_CPU_IMPL")
     monkeypatch.setenv("CONVOPS_CPU_ISA", "avx2")
-    assert _C.dilated_cpu_kernels() in ("direct avx2", "gather engine (im2col + at::mm)")
+    if cap in ("AVX2", "AVX512"):
+        assert _C.dilated_cpu_kernels() == "direct avx2"

@@ -26,6 +26,19 @@ IG_CUH = "csrc/cuda/implicit_gemm.cuh"
 IG_TESTS = ["tests/test_implicit_gemm.py"]
 DW_TESTS = ["tests/test_depthwise.py", "-k",
             "tuned_kernels or misaligned or large_kernels_gpu or huge_stride"]
+# CPU kernels: the op's CPU tests (emulated CUDA tests excluded) and the realistic grids.
+DW_CPU, DW_NHWC = "csrc/cpu/depthwise_conv2d.cpp", "csrc/cpu/nhwc_kernels.h"
+DIRECT, DIL_CPU = "csrc/cpu/direct_conv.h", "csrc/cpu/dilated_conv2d.cpp"
+ENGINE, DEF_CPU = "csrc/cpu/gather_engine.h", "csrc/cpu/deform_conv2d.cpp"
+DW_CPU_TESTS = ("tests/test_depthwise.py", "tests/test_realistic.py", "-k",
+                "not gpu and not compile and not export and not onnx and (depthwise or "
+                "matches or gradcheck or non_contiguous)")
+DIL_CPU_TESTS = ("tests/test_dilated.py", "tests/test_realistic.py", "-k",
+                 "not gpu and not compile and not export and not aspp_compiles and (dilated or "
+                 "matches or chunk or wide or repeated or thread or gradcheck)")
+DEF_CPU_TESTS = ("tests/test_deform.py", "tests/test_realistic.py", "-k",
+                 "not gpu and not compile and not export and (deform or matches or chunk or "
+                 "offsets or gradcheck)")
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,101 @@ MUTANTS = [
            "if (pp.valid && s_img.sample_at(0, ky, kx, pp.oh, pp.ow, &m).inside) *flag = 1;",
            "if (pp.valid && pp.oh == 0 && s_img.sample_at(0, ky, kx, pp.oh, pp.ow, &m).inside) *flag = 1;",
            tuple(IG_TESTS)),
+    # === CPU kernels ==========================================================================
+    # --- CPU depthwise NHWC (cpu/nhwc_kernels.h): register-blocked rows, weight gradient -----
+    Mutant("cpu-nhwc-vectors-use-previous-weights", DW_NHWC,  # the mutation of issue #16
+           "const acc_t* wrow = w_t + ky * kw * C + c;",
+           "const acc_t* wrow = w_t + ky * kw * C + (c >= VW ? c - VW : 0);", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-pad-drops-right-column", DW_NHWC,
+           "if (sx >= 0 && sx < W) {", "if (sx >= 0 && sx < W - 1) {", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-last-pixel-off-by-one", DW_NHWC,
+           "a3 += load_vec<acc_t>(gp + 3 * C) * load_vec<acc_t>(xp + 3 * step);",
+           "a3 += load_vec<acc_t>(gp + 3 * C) * load_vec<acc_t>(xp + 2 * step);", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-tap-ignores-dilation", DW_NHWC,
+           "const acc_t* x = xrow + kx * dw * C;", "const acc_t* x = xrow + kx * C;",
+           DW_CPU_TESTS),
+    # --- CPU depthwise backward (cpu/depthwise_conv2d.cpp) -----------------------------------
+    Mutant("cpu-nhwc-wgrad-skips-last-vector", DW_CPU,
+           "at::parallel_for(0, L.channels / VW, 1,", "at::parallel_for(0, (L.channels - 1) / VW, 1,",
+           DW_CPU_TESTS),
+    Mutant("cpu-nhwc-igrad-stride1-padding-off-by-one", DW_CPU,
+           "g.Wo, g.H, g.W, 1, 1, (g.kh - 1) * g.dh - g.ph,",
+           "g.Wo, g.H, g.W, 1, 1, (g.kh - 1) * g.dh - g.ph + 1,", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-igrad-multiplier-wrong-channel", DW_CPU,
+           "acc[oc / g.multiplier] +=", "acc[oc % g.C] +=", DW_CPU_TESTS),
+    Mutant("cpu-nhwc-wgrad-multiplier-wrong-channel-block", DW_CPU,
+           "gathered[i] = px[(oc0 + i) / g.multiplier];", "gathered[i] = px[i / g.multiplier];",
+           DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-stride1-flip-padding", DW_CPU,
+           "const int64_t top = flipped_tap_padding(g.kh, g.dh, g.ph);",
+           "const int64_t top = flipped_tap_padding(g.kh, g.dh, g.ph) + 1;", DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-strided-drops-last-tap", DW_CPU,
+           "for (int64_t kx = 0; kx < g.kw; ++kx) {\n              const auto r = cols[kx];",
+           "for (int64_t kx = 0; kx + 1 < g.kw; ++kx) {\n              const auto r = cols[kx];",
+           DW_CPU_TESTS),
+    Mutant("cpu-nchw-igrad-strided-wrong-sign", DW_CPU,
+           "g.sw, static_cast<acc_t>(filter[ky * g.kw + kx]), go_row",
+           "g.sw, -static_cast<acc_t>(filter[ky * g.kw + kx]), go_row", DW_CPU_TESTS),
+    Mutant("cpu-nchw-wgrad-multiplier-wrong-channel", DW_CPU,
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n < g.N; ++n) {",
+           "const int64_t c = oc % g.C;\n      for (int64_t n = 0; n < g.N; ++n) {", DW_CPU_TESTS),
+    Mutant("cpu-nchw-wgrad-skips-last-image", DW_CPU,
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n < g.N; ++n) {",
+           "const int64_t c = oc / g.multiplier;\n      for (int64_t n = 0; n + 1 < g.N; ++n) {",
+           DW_CPU_TESTS),
+    # --- CPU dilated, direct path (cpu/direct_conv.h, cpu/dilated_conv2d.cpp) ----------------
+    Mutant("cpu-direct-pack-drops-last-column", DIRECT,
+           "x1 = std::min(p.W, Wp - p.pw);", "x1 = std::min(p.W - 1, Wp - p.pw);", DIL_CPU_TESTS),
+    Mutant("cpu-direct-skips-right-border-tap", DIRECT,
+           "first * stride + k * dilation - pad < size;",
+           "first * stride + k * dilation - pad < size - 1;", DIL_CPU_TESTS),
+    Mutant("cpu-direct-igrad-taps-not-flipped", DIRECT,
+           "const int64_t st = for_input_grad ? K - 1 - t : t;", "const int64_t st = t;",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-igrad-weights-not-transposed", DIRECT,
+           "sc = for_input_grad ? p.OCg * K : K;", "sc = for_input_grad ? p.Cg * K : K;",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-wgrad-wrong-channel-block", DIRECT,
+           "g * p.Cg + c0;\n        a.x_row_step", "g * p.Cg + (c0 > 0 ? c0 - 1 : 0);\n        a.x_row_step",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-grad-output-pack-wrong-group", DIRECT,
+           "grad_out.const_data_ptr<scalar_t>() + g * p.OCg * grad_out.stride(0),",
+           "grad_out.const_data_ptr<scalar_t>() + p.OCg * grad_out.stride(0) * (g > 0),",
+           DIL_CPU_TESTS),
+    Mutant("cpu-direct-shared-grad-output-pack-off-by-one", DIL_CPU,
+           "(q.ph * Wq + q.pw) * Cs, Wq * Cs, Cs, p.OCg};",
+           "(q.ph * Wq + q.pw + 1) * Cs, Wq * Cs, Cs, p.OCg};", DIL_CPU_TESTS),
+    # --- CPU gather engine (cpu/gather_engine.h): dilated fallback and deformable -----------
+    Mutant("cpu-engine-grid-col2im-ignores-stride", ENGINE,
+           "for (int64_t i = 0; i < count; ++i) d[i * g.sw] += s[i];",
+           "for (int64_t i = 0; i < count; ++i) d[i] += s[i];", DIL_CPU_TESTS),
+    Mutant("cpu-engine-later-chunks-one-pixel-short", ENGINE,
+           "const int64_t P = std::min(chunk, g.Ho * g.Wo - p0);\n      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);\n      chunk_im2col",
+           "const int64_t P = std::min(chunk, g.Ho * g.Wo - p0) - (p0 > 0 && chunk > 1);\n      sample_chunk<acc_t, scalar_t>(sampler, g, p0, P, samples);\n      chunk_im2col",
+           DIL_CPU_TESTS),
+    Mutant("cpu-engine-backward-chunk-reads-previous-pixel", ENGINE,
+           "go_n.narrow(1, p0, P).to(acc_type);", "go_n.narrow(1, p0 > 0 ? p0 - 1 : 0, P).to(acc_type);",
+           DEF_CPU_TESTS),
+    Mutant("cpu-engine-col2im-drops-bottom-right-corner", ENGINE,
+           "if (smp.w11 != acc_t(0)) q[g.W + 1] += v * smp.w11;", "", DEF_CPU_TESTS),
+    Mutant("cpu-engine-col2im-ignores-mask", ENGINE,
+           "const acc_t v = d[p] * s.mod(og, tap, K, p);", "const acc_t v = d[p];", DEF_CPU_TESTS),
+    # --- CPU deformable offset/mask gradients (cpu/deform_conv2d.cpp) -------------------------
+    Mutant("cpu-deform-offset-grad-ignores-mask", DEF_CPU,
+           "static_cast<scalar_t>(gy * m);", "static_cast<scalar_t>(gy);", DEF_CPU_TESTS),
+    Mutant("cpu-deform-offset-grad-skips-last-channel", DEF_CPU,
+           "c < (og + 1) * cpo; ++c", "c + 1 < (og + 1) * cpo; ++c", DEF_CPU_TESTS),
+    Mutant("cpu-deform-mask-grad-wrong-sign", DEF_CPU,
+           "grad_mask[row * HWo + pix] = static_cast<scalar_t>(gm);",
+           "grad_mask[row * HWo + pix] = static_cast<scalar_t>(-gm);", DEF_CPU_TESTS),
+    # --- shared per-element math (common/), CPU and CUDA: checked through the CPU tests -----
+    Mutant("common-bilinear-drops-right-border-column", "csrc/common/bilinear.h",
+           "right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 1;\n  s.w00",
+           "right = s.x0 + 1 >= 0 && s.x0 + 1 <= W - 2;\n  s.w00", DEF_CPU_TESTS),
+    Mutant("common-deform-sampler-dx-reads-dy", "csrc/common/deform.h",
+           "offset[(ch + 1) * off_sc + at]);", "offset[ch * off_sc + at]);", DEF_CPU_TESTS),
+    Mutant("common-coordinate-grad-wrong-sign", "csrc/common/deform.h",
+           "*gy += d * dy;", "*gy -= d * dy;", DEF_CPU_TESTS),
 ]
 
 
@@ -177,8 +285,10 @@ def _run(cmd, cwd, log):
         return subprocess.call(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def _build(tree, log):
+def _build(tree, log, debug=False):
     env = dict(os.environ, FORCE_CPU="1", FORCE_CUDA="0", MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    if debug:  # -O0: each mutant's rebuild is several times faster on a loaded 2-core machine
+        env["DEBUG"] = "1"
     with open(log, "a") as f:
         return subprocess.call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree,
                                env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -189,7 +299,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", help="run mutants whose name contains this")
     ap.add_argument("--list", action="store_true")
-    ap.add_argument("--tree", default="/tmp/convops-mutate", help="scratch copy of the repo")
+    ap.add_argument("--debug-build", action="store_true",
+                    help="build the scratch tree with DEBUG=1 (-O0): faster rebuilds, slower tests")
+    # One scratch tree per worktree: two worktrees mutating one tree would mix their edits.
+    ap.add_argument("--tree", default=f"/tmp/convops-mutate-{ROOT.name}",
+                    help="scratch copy of the repo")
     args = ap.parse_args(argv)
     mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
     if args.list:
@@ -202,11 +316,13 @@ def main(argv=None):
     tree = Path(args.tree)
     if not tree.exists():
         shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-    for folder in ("csrc", "tests"):  # the scratch tree gets today's sources and tests
-        shutil.copytree(ROOT / folder, tree / folder, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+    # The scratch tree gets today's sources, Python package and tests (a stale test file or
+    # header made a mutant look alive); copytree keeps the build's incremental state.
+    for sub in ("csrc", "convops", "tests"):
+        shutil.copytree(ROOT / sub, tree / sub, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.so"))
     log = tree / "mutate.log"
-    assert _build(tree, log) == 0, f"the unmutated tree does not build: {log}"
+    assert _build(tree, log, args.debug_build) == 0, f"the unmutated tree does not build: {log}"
     results = []
     for m in mutants:
         path = tree / m.path
@@ -214,7 +330,7 @@ def main(argv=None):
         path.write_text(original.replace(m.old, m.new))
         start = time.time()
         try:
-            if _build(tree, log) != 0:
+            if _build(tree, log, args.debug_build) != 0:
                 verdict = "killed (build)"
             else:
                 rc = _run([sys.executable, "-m", "pytest", "-q", "-x", "-n", "2",
@@ -224,7 +340,7 @@ def main(argv=None):
             path.write_text(original)
         results.append((m.name, verdict))
         print(f"{m.name:42s} {verdict:15s} {time.time() - start:5.0f} s", flush=True)
-    _build(tree, log)
+    _build(tree, log, args.debug_build)
     killed = sum(v.startswith("killed") for _, v in results)
     print(f"mutation score: {killed}/{len(results)} killed")
     return 0 if killed == len(results) else 1

@@ -15,6 +15,7 @@
 #include "common/tensor_utils.h"
 #include "cpu/direct_conv.h"
 #include "cpu/gather_engine.h"
+#include "cpu/path_counts.h"
 
 namespace convops {
 namespace cpu {
@@ -53,6 +54,7 @@ void direct_forward_batch(const at::Tensor& input, const at::Tensor& weight,
   const DirectProblem p = forward_problem(g);
   const DirectIsa& fisa = forward_isa(input, p, isa);
   const PackedWeights pw = pack_weights(weight, bias, p, fisa);
+  count_path(std::string("direct_forward:") + fisa.name);
   direct_conv_batch(input, pw, fisa.pairs ? p.paired() : p, fisa, kInputImages, out);
 }
 
@@ -73,6 +75,9 @@ void direct_backward_batch(const at::Tensor& grad_output, const at::Tensor& inpu
   const int64_t OCgp = ceil_div<int64_t>(p.OCg, isa.lanes) * isa.lanes;
   const bool share = grad_input && grad_weight && !qisa.pairs && OCgp == p.OCg && q.ph >= 0 &&
                      q.pw >= 0 && q.ph + g.Ho <= q.padded_h() && q.pw + g.Wo <= q.padded_w();
+  if (grad_input) count_path(std::string("direct_input_grad:") + qisa.name);
+  if (grad_weight) count_path(std::string("direct_weight_grad:") + isa.name);
+  if (share) count_path("direct_shared_grad_output_pack");
   at::Tensor dw;
   if (grad_weight) dw = at::zeros({p.groups, p.taps(), p.Cg, OCgp}, at::kFloat);
   const int64_t step = grad_input ? images_per_pack(qp, g.N) : 1;

@@ -27,6 +27,7 @@
 #include "common/deform.h"
 #include "common/engine_gemms.h"
 #include "common/tensor_utils.h"
+#include "cpu/path_counts.h"
 #include "cpu/scratch.h"
 
 namespace convops {
@@ -238,6 +239,7 @@ void engine_forward(const at::Tensor& input, const at::Tensor& weight, const at:
   const int64_t chunk = chunk_pixels(g);
   acc_t* cols = scratch<acc_t>(kColumns, g.C * K * chunk);
   ChunkSamples<acc_t> samples;
+  count_path("engine_forward_chunks", g.N * ceil_div<int64_t>(g.Ho * g.Wo, chunk));
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
@@ -274,6 +276,7 @@ void engine_backward(const at::Tensor& grad_output, const at::Tensor& input,
   acc_t* dcols = need_dcols ? scratch<acc_t>(kColumnGrads, g.C * K * chunk) : nullptr;
   acc_t* gi_acc = want_input ? scratch<acc_t>(kImageGrad, g.C * g.H * g.W) : nullptr;
   ChunkSamples<acc_t> samples;
+  count_path("engine_backward_chunks", g.N * ceil_div<int64_t>(g.Ho * g.Wo, chunk));
   for (int64_t n = 0; n < g.N; ++n) {
     const auto x = image_view<scalar_t>(input, n);
     const auto sampler = make_sampler(n);
