@@ -209,9 +209,11 @@ def chunks_per_image(case, budget):
 
 
 def force_chunks(case, budget, monkeypatch):
-    """The gather engine (CONVOPS_CPU_IMPL=engine on CPU; CUDA has only the engine) with a
-    column budget of `budget` elements; returns the chunks per image it must run (>= 2)."""
+    """The column-chunked gather engine (CONVOPS_CPU_IMPL=engine on CPU, CONVOPS_CUDA_IMPL=plain
+    on CUDA, whose implicit-GEMM engine has no columns) with a column budget of `budget`
+    elements; returns the chunks per image it must run (>= 2)."""
     monkeypatch.setenv("CONVOPS_CPU_IMPL", "engine")
+    monkeypatch.setenv("CONVOPS_CUDA_IMPL", "plain")
     monkeypatch.setenv("CONVOPS_COLUMN_BUDGET", str(budget))
     chunks = chunks_per_image(case, budget)
     assert chunks >= 2, f"budget {budget} gives one chunk for {case}"

@@ -756,6 +756,7 @@ void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, const DeformGeometry& g, const Sampler& sampler,
                        at::Tensor& out) {
   const EngineParams e = engine_params(g, input, out);
+  const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;  // kernels index bias[oc]
   if (e.Cg == 1) {  // depthwise: the direct kernel
     const at::Tensor w = weight.contiguous();
     const int64_t total = g.N * g.OC * e.HoWo;
@@ -763,7 +764,7 @@ void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                   {checked_grid("igemm_forward_depthwise", blocks_for(total, 256), 1, 1),
                    Dim3(256), 0, 256},
                   input.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(),
-                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                  bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
                   out.mutable_data_ptr<scalar_t>(), sampler, e);
     return;
   }
@@ -775,7 +776,7 @@ void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
     launch_kernel("igemm_forward", igemm_forward<scalar_t, kMma, Sampler>,
                   {grid, Dim3(kIgThreads), TileLayout<scalar_t, kBM>::bytes, kIgThreads},
                   input.const_data_ptr<scalar_t>(), w_okc.const_data_ptr<scalar_t>(),
-                  bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr,
+                  bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
                   out.mutable_data_ptr<scalar_t>(), sampler, e);
   });
 }
