@@ -30,6 +30,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/conv_geometry.h"
 #include "common/tensor_utils.h"
 #include "cpu/scratch.h"
 
@@ -53,6 +54,7 @@ struct DwForwardJob {
   int64_t strips, strip_rows;  // NCHW: output rows split into strips of strip_rows
   int64_t lo[kDwMaxK], hi[kDwMaxK];  // per kx: output columns whose input column is inside
   int64_t inner_lo, inner_hi;        // columns where every tap is inside
+  int64_t tile_w;                    // NHWC: output columns per tile (a multiple of the block)
 };
 
 using DwTaskFn = void (*)(const DwForwardJob&, int64_t, int64_t);

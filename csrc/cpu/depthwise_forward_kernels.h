@@ -10,7 +10,7 @@
 // acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
 // one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
 // touch the border: per tap, pixels outside [lo[kx], hi[kx]) read nothing (no padded copy).
-template <typename in_t, typename out_t, int R, bool kChecked, bool kFull>
+template <typename in_t, typename out_t, int R, bool kChecked, bool kFull, int KW = 0>
 __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
                                                        const in_t* const* rows, int64_t c0,
                                                        int64_t in_px, const float* w, V bias,
@@ -24,8 +24,10 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
     const in_t* row = rows[ky];
     if (row == nullptr) continue;
     const in_t* base = row + c0 + (ow0 * j.sw - j.pw) * in_px;
-    const float* wk = w + ky * j.kw * kLanes;
-    for (int64_t kx = 0; kx < j.kw; ++kx) {
+    const int64_t kw = KW ? KW : j.kw;
+    const float* wk = w + ky * kw * kLanes;
+#pragma GCC unroll 8
+    for (int64_t kx = 0; kx < kw; ++kx) {
       const V wv = vload(wk + kx * kLanes);
       const in_t* p = base + kx * tap_step;
       if (!kChecked || (ow0 >= j.lo[kx] && ow0 + R <= j.hi[kx])) {
@@ -49,43 +51,136 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
   }
 }
 
+// One output pixel at a border: only the taps whose input column is inside (a contiguous kx
+// range, since the input column grows with kx) are applied, with no per-tap test.
 template <typename in_t, typename out_t, bool kFull>
-__attribute__((always_inline)) inline void pixel_blocks(const DwForwardJob& j,
+__attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
                                                         const in_t* const* rows, int64_t c0,
                                                         int64_t in_px, const float* w, V bias,
-                                                        int64_t ow, bool block, bool inner,
-                                                        out_t* out, int64_t out_px, int nch) {
-  if (inner)
-    pixel_block<in_t, out_t, kBlockW, false, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  else if (block)
-    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  else
-    pixel_block<in_t, out_t, 1, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+                                                        int64_t ow, out_t* out, int64_t out_px,
+                                                        int nch) {
+  const int64_t iw0 = ow * j.sw - j.pw;  // input column of tap 0
+  const int64_t kx0 = std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw));
+  const int64_t kx1 = std::min<int64_t>(j.kw, floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1);
+  V acc = bias;
+  for (int64_t ky = 0; ky < j.kh; ++ky) {
+    const in_t* row = rows[ky];
+    if (row == nullptr) continue;
+    const in_t* p = row + c0 + iw0 * in_px;
+    const float* wk = w + ky * j.kw * kLanes;
+    for (int64_t kx = kx0; kx < kx1; ++kx) {
+      const in_t* q = p + kx * j.dw * in_px;
+      acc = vfma(vload(wk + kx * kLanes), kFull ? vload(q) : vload_part(q, nch), acc);
+    }
+  }
+  if (kFull) vstore(out + ow * out_px, acc);
+  else vstore_part(out + ow * out_px, acc, nch);
 }
 
-// One output row over `blocks` channel vectors (+ a tail of nch_tail channels): register
-// blocks of kBlockW pixels along W outermost, so the few input pixels a block reads stay in L1
-// while every channel vector uses them; single pixels finish a row that kBlockW does not divide.
+// Unchecked blocks over the interior [lo, hi) (hi - lo >= kBlockW), the last one shifted left.
+// 3x3 filters with all three input rows inside hold their nine weight vectors in registers for
+// the whole run; 5- and 7-wide filters get a compile-time tap loop.
+template <typename in_t, typename out_t, bool kFull, int KW>
+__attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
+                                                        const in_t* const* rows, int64_t c0,
+                                                        int64_t in_px, const float* w, V bias,
+                                                        int64_t lo, int64_t hi, out_t* out,
+                                                        int64_t out_px, int nch) {
+  if (KW == 3 && j.kh == 3 && rows[0] && rows[1] && rows[2]) {
+    V wv[9];
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) wv[t] = vload(w + t * kLanes);
+    const int64_t px_step = j.sw * in_px, tap_step = j.dw * in_px;
+    for (int64_t next = lo; next < hi; next += kBlockW) {
+      const int64_t ow0 = std::min(next, hi - kBlockW);
+      V acc[kBlockW];
+#pragma GCC unroll 16
+      for (int r = 0; r < kBlockW; ++r) acc[r] = bias;
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        const in_t* base = rows[ky] + c0 + (ow0 * j.sw - j.pw) * in_px;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const in_t* p = base + kx * tap_step;
+#pragma GCC unroll 16
+          for (int r = 0; r < kBlockW; ++r)
+            acc[r] = vfma(wv[ky * 3 + kx],
+                          kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                          acc[r]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < kBlockW; ++r) {
+        if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
+        else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
+      }
+    }
+    return;
+  }
+  for (int64_t next = lo; next < hi; next += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, false, kFull, KW>(j, rows, c0, in_px, w, bias,
+                                                        std::min(next, hi - kBlockW), out,
+                                                        out_px, nch);
+}
+
+// One output row of one channel vector (nch < kLanes: a channel tail). The interior, where
+// every tap is inside, runs in unchecked register blocks of kBlockW pixels (a width that
+// kBlockW does not divide ends with a block shifted left, recomputing a few pixels
+// bit-identically); a border at least kBlockW wide runs in checked blocks, narrower ones pixel
+// by pixel over their valid taps.
+template <typename in_t, typename out_t, bool kFull>
+__attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j,
+                                                           const in_t* const* rows, int64_t c0,
+                                                           int64_t in_px, const float* w, V bias,
+                                                           int64_t ow_begin, int64_t ow_end,
+                                                           out_t* out, int64_t out_px, int nch) {
+  // left border [ow_begin, lo), interior [lo, hi), right border [hi, ow_end)
+  const int64_t lo = std::clamp(j.inner_lo, ow_begin, ow_end);
+  const int64_t hi = std::clamp(j.inner_hi, lo, ow_end);
+  int64_t ow = ow_begin;
+  for (; ow + kBlockW <= lo; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < lo; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  if (hi - lo >= kBlockW) {
+    switch (j.kw) {
+      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch);
+    }
+  } else {
+    for (ow = lo; ow < hi; ++ow)
+      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  }
+  for (ow = hi; ow + kBlockW <= ow_end; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < ow_end; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+}
+
+// One output row over `blocks` channel vectors (+ a tail of nch_tail channels), in column
+// tiles of j.tile_w pixels with the channel vectors inside: a tile's input pixels (all
+// channels, kh rows) are sized to stay in L1 while every channel vector uses them, and are
+// read as contiguous runs the prefetcher follows.
 template <typename in_t, typename out_t>
 __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const in_t* const* rows,
                                                     int64_t in_px, int64_t blocks, int nch_tail,
                                                     out_t* out, int64_t out_px) {
   const int64_t taps = j.kh * j.kw;
-  for (int64_t ow = 0; ow < j.Wo;) {
-    const bool block = ow + kBlockW <= j.Wo;
-    const bool inner = block && ow >= j.inner_lo && ow + kBlockW <= j.inner_hi;
+  for (int64_t t0 = 0; t0 < j.Wo; t0 += j.tile_w) {
+    const int64_t t1 = std::min(j.Wo, t0 + j.tile_w);
     for (int64_t cb = 0; cb < blocks; ++cb) {
       const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
-      pixel_blocks<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes, b, ow,
-                                      block, inner, out + cb * kLanes, out_px, kLanes);
+      conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
+                                         b, t0, t1, out + cb * kLanes, out_px, kLanes);
     }
     if (nch_tail) {
       const V b = j.bias ? vload(j.bias + blocks * kLanes) : vset1(0.f);
-      pixel_blocks<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
-                                       j.w + blocks * taps * kLanes, b, ow, block, inner,
-                                       out + blocks * kLanes, out_px, nch_tail);
+      conv_row_vector<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
+                                          j.w + blocks * taps * kLanes, b, t0, t1,
+                                          out + blocks * kLanes, out_px, nch_tail);
     }
-    ow += block ? kBlockW : 1;
   }
 }
 
@@ -112,14 +207,18 @@ inline void transpose_in(const T* const* planes, int nch, int64_t offset, int64_
                          float* dst) {
   int64_t iw = 0;
 #if DWF_HAS_TRANSPOSE8
-  if (nch == kLanes) {
-    for (; iw + 8 <= W; iw += 8)
+  // chunks of 8 pixels; a width that 8 does not divide ends with a chunk shifted left
+  if (nch == kLanes && W >= 8) {
+    for (int64_t next = 0; next < W; next += 8) {
+      iw = std::min(next, W - 8);
       for (int g = 0; g < kLanes; g += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = load8(planes[g + i] + offset + iw);
         transpose8(r);
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (iw + i) * kLanes + g, r[i]);
       }
+    }
+    iw = W;
   }
 #endif
   for (; iw < W; ++iw) {
@@ -135,14 +234,17 @@ inline void transpose_out(const float* src, int64_t Wo, T* const* planes, int nc
                           int64_t offset) {
   int64_t ow = 0;
 #if DWF_HAS_TRANSPOSE8
-  if (nch == kLanes) {
-    for (; ow + 8 <= Wo; ow += 8)
+  if (nch == kLanes && Wo >= 8) {
+    for (int64_t next = 0; next < Wo; next += 8) {
+      ow = std::min(next, Wo - 8);
       for (int g = 0; g < kLanes; g += 8) {
         __m256 r[8];
         for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (ow + i) * kLanes + g);
         transpose8(r);
         for (int i = 0; i < 8; ++i) store8(planes[g + i] + offset + ow, r[i]);
       }
+    }
+    ow = Wo;
   }
 #endif
   for (; ow < Wo; ++ow)
@@ -173,7 +275,8 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
       in_planes[l] = x + (n * j.C + (oc0 + l) / j.multiplier) * j.H * j.W;
       out_planes[l] = y + (n * j.OC + oc0 + l) * j.Ho * j.Wo;
     }
-    DwForwardJob jb = j;  // this block's weights and bias
+    DwForwardJob jb = j;  // this block's weights and bias, whole rows
+    jb.tile_w = j.Wo;
     jb.w = j.w + cb * j.kh * j.kw * kLanes;
     jb.bias = j.bias ? j.bias + oc0 : nullptr;
     const int64_t oh0 = strip * j.strip_rows, oh1 = std::min(j.Ho, oh0 + j.strip_rows);
