@@ -93,6 +93,151 @@ def test_matches_conv2d_cpu(case):
     _check_against_reference(case, "cpu")
 
 
+# --- CPU forward kernels (csrc/cpu/depthwise_forward.h): float32 and bfloat16, per ISA build ---
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+_ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
+              "avx2": {"avx2", "fma", "f16c", "bmi2"}, "baseline": set()}
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _require_isa(isa):
+    import platform
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the vectorized CPU forward is built for x86-64 only")
+    missing = _ISA_FLAGS[isa] - _cpu_flags()
+    if missing:
+        pytest.skip(f"this CPU lacks {isa} ({', '.join(sorted(missing))})")
+
+
+def _last_forward_path():
+    return torch.ops.convops_cpu_debug.depthwise_forward_last_path()
+
+
+def _forward_cases():
+    """Hand-picked borders and tails, then a seeded sample: channel counts of several vectors
+    and tails (1, 7, 16, 17, 33, 64, 80), widths that the register block does not divide,
+    multipliers 1-3, strides 1-3, dilation, padding wider than the kernel's reach (outputs
+    with no valid tap), maps of several NCHW row strips, batch 2."""
+    f32, bf16 = torch.float32, torch.bfloat16
+    cases = [
+        dict(channels=17, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1),
+             padding=1, batch=2, bias=True, dtype=f32, size=(20, 37)),
+        dict(channels=33, multiplier=1, kernel=(5, 5), stride=(2, 2), dilation=(1, 1),
+             padding=2, batch=2, bias=False, dtype=bf16, size=(23, 29)),
+        dict(channels=80, multiplier=1, kernel=(7, 7), stride=(1, 1), dilation=(1, 1),
+             padding=3, batch=2, bias=True, dtype=bf16, size=(14, 14)),
+        dict(channels=64, multiplier=1, kernel=(3, 3), stride=(3, 3), dilation=(2, 2),
+             padding=5, batch=2, bias=True, dtype=f32, size=(11, 13)),
+        dict(channels=7, multiplier=2, kernel=(3, 3), stride=(2, 1), dilation=(1, 1),
+             padding=1, batch=2, bias=True, dtype=f32, size=(15, 19)),
+        dict(channels=16, multiplier=3, kernel=(5, 5), stride=(1, 1), dilation=(2, 2),
+             padding=4, batch=2, bias=True, dtype=bf16, size=(17, 21)),
+        dict(channels=1, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1),
+             padding=1, batch=2, bias=True, dtype=f32, size=(9, 10)),
+        dict(channels=16, multiplier=1, kernel=(31, 31), stride=(1, 1), dilation=(1, 1),
+             padding=15, batch=2, bias=True, dtype=f32, size=(34, 45)),
+        dict(channels=24, multiplier=1, kernel=(27, 27), stride=(1, 1), dilation=(1, 1),
+             padding=13, batch=2, bias=False, dtype=bf16, size=(14, 14)),
+        dict(channels=17, multiplier=1, kernel=(1, 5), stride=(1, 2), dilation=(1, 3),
+             padding=(0, 6), batch=2, bias=True, dtype=bf16, size=(12, 40)),
+        dict(channels=9, multiplier=1, kernel=(5, 1), stride=(3, 1), dilation=(2, 1),
+             padding=(4, 0), batch=2, bias=False, dtype=f32, size=(30, 9)),
+        # one channel block, batch 1: the NCHW rows are split into strips with a halo
+        dict(channels=16, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(3, 3),
+             padding=3, batch=1, bias=True, dtype=f32, size=(61, 50)),
+        dict(channels=8, multiplier=1, kernel=(5, 5), stride=(2, 2), dilation=(1, 1),
+             padding=2, batch=1, bias=True, dtype=bf16, size=(64, 48)),
+    ]
+    rng = random.Random(14)
+    for i in range(36):
+        k = rng.choice([1, 2, 3, 5, 7])
+        kh, kw = (k, k) if rng.random() < 0.7 else (k, rng.choice([1, 3, 4]))
+        dil = (rng.randint(1, 3), rng.randint(1, 3))
+        pad = rng.choice([0, (kh // 2, kw // 2), (kh, kw + 1), "same"])
+        stride = (1, 1) if pad == "same" else (rng.randint(1, 3), rng.randint(1, 3))
+        h = dil[0] * (kh - 1) + 1 + rng.randint(0, 20)
+        w = dil[1] * (kw - 1) + 1 + rng.randint(0, 30)
+        cases.append(dict(channels=rng.choice([1, 7, 16, 17, 33, 64, 80]),
+                          multiplier=rng.choice([1, 1, 2, 3]), kernel=(kh, kw), stride=stride,
+                          dilation=dil, padding=pad, batch=rng.randint(1, 2),
+                          bias=rng.random() < 0.7, dtype=(f32, bf16)[i % 2], size=(h, w)))
+    return [dict(c, channels_last=cl) for c in cases for cl in (False, True)]
+
+
+FORWARD_CASES = _forward_cases()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: (
+    f"C{c['channels']}x{c['multiplier']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}-"
+    f"p{c['padding']}-{c['size']}-{'cl' if c['channels_last'] else 'nchw'}-"
+    f"{str(c['dtype'])[6:]}").replace(" ", ""))
+def test_vectorized_forward_cpu(case, isa, monkeypatch):
+    _require_isa(isa)
+    monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    cl = case["channels_last"]
+    # NHWC with a channel multiplier stays on the generic kernels
+    expected = "generic" if cl and case["multiplier"] > 1 else ("nhwc/" if cl else "nchw/") + isa
+    assert _last_forward_path() == expected
+    ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
+    assert_close(out, ref, case["dtype"], f"forward, {isa}, seed {stable_seed(case)}")
+    if cl:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last):
+    g = torch.Generator().manual_seed(1414)
+    base = torch.randn(2, 66, 31, 62, generator=g).to(dtype)
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    x = base[:, ::2, 1:-1, ::2]  # every other channel and column: 33 channels, 31 columns
+    assert not x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
+    w = torch.randn(66, 1, 3, 3, generator=g).to(dtype)[::2]
+    b = torch.randn(33, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            outs.append(convops.depthwise_conv2d(x, w, b, 1, 1))
+            assert _last_forward_path().split("/")[0] == ("nhwc" if channels_last else "nchw")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]), "the forward depends on the thread count"
+    ref = reference(x.double(), w.double(), b.double(), 1, 1)
+    assert_close(outs[0], ref, dtype, "forward, seed 1414")
+
+
+def test_generic_forward_knob():
+    x = torch.randn(1, 8, 9, 9)
+    w = torch.randn(8, 1, 3, 3)
+    fast = convops.depthwise_conv2d(x, w, None, 1, 1)
+    assert _last_forward_path() != "generic"
+    import os
+    os.environ["CONVOPS_CPU_IMPL"] = "generic"
+    try:
+        slow = convops.depthwise_conv2d(x, w, None, 1, 1)
+        assert _last_forward_path() == "generic"
+    finally:
+        del os.environ["CONVOPS_CPU_IMPL"]
+    torch.testing.assert_close(fast, slow)
+
+
 # CUDA kernel paths: the tiled NCHW forward, the plain one-thread-per-output forward
 # (CONVOPS_CUDA_IMPL=plain), and int64 indexing forced on small tensors.
 CUDA_IMPLS = {"tuned": {}, "plain": {"CONVOPS_CUDA_IMPL": "plain"},

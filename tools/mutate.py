@@ -277,6 +277,55 @@ MUTANTS = [
            "*gy += d * dy;", "*gy -= d * dy;", DEF_CPU_TESTS),
 ]
 
+# --- CPU depthwise forward (csrc/cpu/depthwise_forward*.h): the AVX2 and baseline builds ------
+# (the AVX-512 build runs its own tests only on a CPU that has it)
+DWF = "csrc/cpu/depthwise_forward_kernels.h"
+DWF_TESTS = ("tests/test_depthwise.py", "-k", "vectorized")
+MUTANTS += [
+    Mutant("dwf-interior-starts-one-column-early", DWF,
+           "const int64_t lo = std::clamp(j.inner_lo, ow_begin, ow_end);",
+           "const int64_t lo = std::clamp(j.inner_lo - 1, ow_begin, ow_end);", DWF_TESTS),
+    Mutant("dwf-border-pixel-drops-last-tap", DWF,
+           "floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1)", "floor_div<int64_t>(j.W - 1 - iw0, j.dw))",
+           DWF_TESTS),
+    Mutant("dwf-border-pixel-skips-first-tap", DWF,
+           "std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw))",
+           "std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw) + 1)", DWF_TESTS),
+    Mutant("dwf-checked-block-reads-past-right-border", DWF,
+           "if (ow0 + r >= j.lo[kx] && ow0 + r < j.hi[kx])",
+           "if (ow0 + r >= j.lo[kx] && ow0 + r <= j.hi[kx])", DWF_TESTS),
+    Mutant("dwf-3x3-held-weights-transposed", DWF,
+           "acc[r] = vfma(wv[ky * 3 + kx],", "acc[r] = vfma(wv[kx * 3 + ky],", DWF_TESTS),
+    Mutant("dwf-3x3-no-shifted-last-block", DWF,
+           "for (int64_t next = lo; next < hi; next += kBlockW) {",
+           "for (int64_t next = lo; next + kBlockW <= hi; next += kBlockW) {", DWF_TESTS),
+    Mutant("dwf-channel-tail-dropped", DWF, "    if (nch_tail) {", "    if (false && nch_tail) {",
+           DWF_TESTS),
+    Mutant("dwf-bias-of-first-vector", DWF,
+           "const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);",
+           "const V b = j.bias ? vload(j.bias) : vset1(0.f);", DWF_TESTS),
+    Mutant("dwf-nchw-transpose-no-shifted-tail", DWF,
+           "for (int64_t next = 0; next < W; next += 8) {",
+           "for (int64_t next = 0; next + 8 <= W; next += 8) {", DWF_TESTS),
+    Mutant("dwf-nchw-ring-wrong-slot", DWF,
+           "rows[ky] = ring + (ih % span) * ring_row;",
+           "rows[ky] = ring + ((ih + 1) % span) * ring_row;", DWF_TESTS),
+    Mutant("dwf-nchw-ring-skips-rows-between-taps", DWF,
+           "std::max({next, ih - span + 1, int64_t(0)})", "std::max({next, ih, int64_t(0)})",
+           DWF_TESTS),
+    Mutant("dwf-bf16-store-wrong-half", "csrc/cpu/depthwise_forward_x86_8.h",
+           "_mm256_packus_epi32(r, r), 0x08)", "_mm256_packus_epi32(r, r), 0x04)", DWF_TESTS),
+    Mutant("dwf-baseline-fma-sign", "csrc/cpu/depthwise_forward.h",
+           "return _mm_add_ps(_mm_mul_ps(a, b), c);", "return _mm_sub_ps(_mm_mul_ps(a, b), c);",
+           DWF_TESTS),
+    Mutant("dwf-isa-env-ignored", "csrc/cpu/depthwise_forward.h",
+           "if (has_avx2 && !want_base) return &dw_avx2::kIsa;",
+           "if (has_avx2) return &dw_avx2::kIsa;", DWF_TESTS),
+    Mutant("dwf-weights-packed-flipped", "csrc/cpu/depthwise_conv2d.cpp",
+           "wp[((oc / lanes) * taps + t) * lanes + oc % lanes]",
+           "wp[((oc / lanes) * taps + (taps - 1 - t)) * lanes + oc % lanes]", DWF_TESTS),
+]
+
 
 def _run(cmd, cwd, log):
     with open(log, "a") as f:

@@ -1,5 +1,7 @@
 // Depthwise conv2d on CPU: forward, input gradient, weight gradient, for NCHW and NHWC.
 //
+// The float32/bfloat16 forward runs the kernels of cpu/depthwise_forward.h (no padded copy,
+// channel vectors, run-time ISA choice); float16/float64 and the backward run the kernels below.
 // Every loop nest is arranged so its innermost loop runs over a contiguous row (NCHW: along W,
 // NHWC: along channels) inside a range precomputed with valid_output_range, so there are no
 // per-element bounds tests and the row kernels vectorize. Work is split with at::parallel_for
@@ -12,12 +14,14 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <type_traits>
 #include <vector>
 
 #include "common/depthwise.h"
 #include "common/op_outputs.h"
 #include "common/tensor_utils.h"
+#include "cpu/depthwise_forward.h"
 #include "cpu/nhwc_kernels.h"
 #include "cpu/plane_kernels.h"
 #include "cpu/scratch.h"
@@ -361,6 +365,82 @@ void weight_grad_nhwc(const scalar_t* grad_out, const scalar_t* in, scalar_t* gr
   });
 }
 
+// Which forward kernel the calling thread ran last ("nhwc/avx2", "nchw/baseline", "generic"):
+// the tests check that each path they mean to cover actually ran.
+thread_local std::string last_forward_path = "none";
+
+std::string depthwise_forward_last_path() { return last_forward_path; }
+
+// The float32/bfloat16 forward of cpu/depthwise_forward.h; false (nothing written) where the
+// generic kernels below must run: other dtypes, NHWC with a channel multiplier, kernels wider
+// than kDwMaxK, no x86 vector build, or CONVOPS_CPU_IMPL=generic.
+template <typename scalar_t>
+bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
+                        at::Tensor& out, const DepthwiseGeometry& g, bool cl) {
+  constexpr bool kF32 = std::is_same_v<scalar_t, float>;
+  constexpr bool kBF16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  if constexpr (!kF32 && !kBF16) {
+    return false;
+  } else {
+    const DwForwardIsa* isa = depthwise_forward_isa();
+    if (isa == nullptr || g.kh > kDwMaxK || g.kw > kDwMaxK || (cl && g.multiplier != 1) ||
+        env_is("CONVOPS_CPU_IMPL", "generic"))
+      return false;
+    DwForwardJob j{};
+    j.x = x.const_data_ptr<scalar_t>();
+    j.y = out.mutable_data_ptr<scalar_t>();
+    j.N = g.N, j.C = g.C, j.H = g.H, j.W = g.W, j.OC = g.OC, j.Ho = g.Ho, j.Wo = g.Wo;
+    j.kh = g.kh, j.kw = g.kw, j.sh = g.sh, j.sw = g.sw, j.ph = g.ph, j.pw = g.pw;
+    j.dh = g.dh, j.dw = g.dw, j.multiplier = g.multiplier;
+    // Weights (and bias) packed per block of `lanes` output channels, zero past OC.
+    const int64_t lanes = isa->lanes, taps = g.kh * g.kw;
+    const int64_t blocks = (g.OC + lanes - 1) / lanes;
+    float* wp = scratch<float>(kDwWeightSlot, blocks * taps * lanes);
+    const scalar_t* wsrc = w.const_data_ptr<scalar_t>();
+    for (int64_t oc = 0; oc < blocks * lanes; ++oc)
+      for (int64_t t = 0; t < taps; ++t)
+        wp[((oc / lanes) * taps + t) * lanes + oc % lanes] =
+            oc < g.OC ? static_cast<float>(wsrc[oc * taps + t]) : 0.f;
+    j.w = wp;
+    if (b.defined()) {
+      float* bp = scratch<float>(kDwBiasSlot, blocks * lanes);
+      const scalar_t* bsrc = b.const_data_ptr<scalar_t>();
+      for (int64_t oc = 0; oc < blocks * lanes; ++oc)
+        bp[oc] = oc < g.OC ? static_cast<float>(bsrc[oc]) : 0.f;
+      j.bias = bp;
+    }
+    j.inner_lo = 0, j.inner_hi = g.Wo;
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      const auto r = valid_output_range<int64_t>(kx, g.W, g.Wo, g.sw, g.pw, g.dw);
+      j.lo[kx] = r.first, j.hi[kx] = r.last;
+      j.inner_lo = std::max(j.inner_lo, r.first), j.inner_hi = std::min(j.inner_hi, r.last);
+    }
+    if (cl) {
+      // Column tiles whose input (kh rows x all channels) fits in about 16 KiB of L1, whole
+      // register blocks (at least one, at most the row).
+      const int64_t px_bytes = g.C * static_cast<int64_t>(sizeof(scalar_t)) * g.kh;
+      const int64_t cols = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, px_bytes));
+      const int64_t tile = std::max<int64_t>(8, (cols - (g.kw - 1) * g.dw) / g.sw / 8 * 8);
+      j.tile_w = std::min(tile, g.Wo);
+      const DwTaskFn fn = kF32 ? isa->nhwc_f32 : isa->nhwc_bf16;
+      at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
+    } else {
+      // Strips of output rows give every thread several tasks even at batch 1 with few
+      // channel blocks; each strip re-reads only its (kh-1)*dh halo rows.
+      const int64_t tasks = g.N * blocks, want = 4 * at::get_num_threads();
+      const int64_t strips = std::clamp<int64_t>((want + tasks - 1) / tasks, 1,
+                                                 std::max<int64_t>(1, g.Ho / 4));
+      j.strip_rows = (g.Ho + strips - 1) / strips;
+      j.strips = (g.Ho + j.strip_rows - 1) / j.strip_rows;
+      const DwTaskFn fn = kF32 ? isa->nchw_f32 : isa->nchw_bf16;
+      at::parallel_for(0, tasks * j.strips, 1,
+                       [&](int64_t begin, int64_t end) { fn(j, begin, end); });
+    }
+    last_forward_path = std::string(cl ? "nhwc/" : "nchw/") + isa->name;
+    return true;
+  }
+}
+
 at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weight,
                                 const c10::optional<at::Tensor>& bias, at::IntArrayRef stride,
                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
@@ -373,6 +453,8 @@ at::Tensor depthwise_conv2d_cpu(const at::Tensor& input, const at::Tensor& weigh
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "depthwise_conv2d_cpu", [&] {
+    if (forward_vectorized<scalar_t>(x, w, b, out, g, cl)) return;
+    last_forward_path = "generic";
     const scalar_t* bp = b.defined() ? b.const_data_ptr<scalar_t>() : nullptr;
     if (cl && g.multiplier == 1) {
       nhwc_correlate<scalar_t>(x.const_data_ptr<scalar_t>(), w.const_data_ptr<scalar_t>(), false,
@@ -435,6 +517,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
 }
 
 }  // namespace
+
+// Test hook, outside the convops namespace (not part of the API): torch.ops.convops_cpu_debug.
+TORCH_LIBRARY(convops_cpu_debug, m) {
+  m.def("depthwise_forward_last_path() -> str", &depthwise_forward_last_path);
+}
 
 TORCH_LIBRARY_IMPL(convops, CPU, m) {
   m.impl("depthwise_conv2d", &depthwise_conv2d_cpu);

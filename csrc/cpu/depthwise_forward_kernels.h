@@ -1,0 +1,306 @@
+// The depthwise forward micro-kernels, written once over a small vector vocabulary and compiled
+// once per ISA: cpu/depthwise_forward.h includes this header (no include guard on purpose)
+// inside a `#pragma GCC target` region, in a namespace that already defines
+//   V, kLanes          the float vector type and its lane count
+//   vload/vstore       for float and c10::BFloat16 (bf16 is widened / rounded in registers)
+//   vfma(a, b, c)      a * b + c;  vset1(x)
+//   load8/store8, transpose8  (only where kHasTranspose8: AVX2 and AVX-512)
+// and kBlockW, the output pixels of one register block.
+
+// acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
+// one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
+// touch the border: per tap, pixels outside [lo[kx], hi[kx]) read nothing (no padded copy).
+template <typename in_t, typename out_t, int R, bool kChecked, bool kFull, int KW = 0>
+__attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
+                                                       const in_t* const* rows, int64_t c0,
+                                                       int64_t in_px, const float* w, V bias,
+                                                       int64_t ow0, out_t* out, int64_t out_px,
+                                                       int nch) {
+  V acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = bias;
+  const int64_t px_step = j.sw * in_px, tap_step = j.dw * in_px;
+  for (int64_t ky = 0; ky < j.kh; ++ky) {
+    const in_t* row = rows[ky];
+    if (row == nullptr) continue;
+    const in_t* base = row + c0 + (ow0 * j.sw - j.pw) * in_px;
+    const int64_t kw = KW ? KW : j.kw;
+    const float* wk = w + ky * kw * kLanes;
+#pragma GCC unroll 8
+    for (int64_t kx = 0; kx < kw; ++kx) {
+      const V wv = vload(wk + kx * kLanes);
+      const in_t* p = base + kx * tap_step;
+      if (!kChecked || (ow0 >= j.lo[kx] && ow0 + R <= j.hi[kx])) {
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          acc[r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                        acc[r]);
+      } else {
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r)
+          if (ow0 + r >= j.lo[kx] && ow0 + r < j.hi[kx])
+            acc[r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                          acc[r]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
+    else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
+  }
+}
+
+// One output pixel at a border: only the taps whose input column is inside (a contiguous kx
+// range, since the input column grows with kx) are applied, with no per-tap test.
+template <typename in_t, typename out_t, bool kFull>
+__attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
+                                                        const in_t* const* rows, int64_t c0,
+                                                        int64_t in_px, const float* w, V bias,
+                                                        int64_t ow, out_t* out, int64_t out_px,
+                                                        int nch) {
+  const int64_t iw0 = ow * j.sw - j.pw;  // input column of tap 0
+  const int64_t kx0 = std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw));
+  const int64_t kx1 = std::min<int64_t>(j.kw, floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1);
+  V acc = bias;
+  for (int64_t ky = 0; ky < j.kh; ++ky) {
+    const in_t* row = rows[ky];
+    if (row == nullptr) continue;
+    const in_t* p = row + c0 + iw0 * in_px;
+    const float* wk = w + ky * j.kw * kLanes;
+    for (int64_t kx = kx0; kx < kx1; ++kx) {
+      const in_t* q = p + kx * j.dw * in_px;
+      acc = vfma(vload(wk + kx * kLanes), kFull ? vload(q) : vload_part(q, nch), acc);
+    }
+  }
+  if (kFull) vstore(out + ow * out_px, acc);
+  else vstore_part(out + ow * out_px, acc, nch);
+}
+
+// Unchecked blocks over the interior [lo, hi) (hi - lo >= kBlockW), the last one shifted left.
+// 3x3 filters with all three input rows inside hold their nine weight vectors in registers for
+// the whole run; 5- and 7-wide filters get a compile-time tap loop.
+template <typename in_t, typename out_t, bool kFull, int KW>
+__attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
+                                                        const in_t* const* rows, int64_t c0,
+                                                        int64_t in_px, const float* w, V bias,
+                                                        int64_t lo, int64_t hi, out_t* out,
+                                                        int64_t out_px, int nch) {
+  if (KW == 3 && j.kh == 3 && rows[0] && rows[1] && rows[2]) {
+    V wv[9];
+#pragma GCC unroll 9
+    for (int t = 0; t < 9; ++t) wv[t] = vload(w + t * kLanes);
+    const int64_t px_step = j.sw * in_px, tap_step = j.dw * in_px;
+    for (int64_t next = lo; next < hi; next += kBlockW) {
+      const int64_t ow0 = std::min(next, hi - kBlockW);
+      V acc[kBlockW];
+#pragma GCC unroll 16
+      for (int r = 0; r < kBlockW; ++r) acc[r] = bias;
+#pragma GCC unroll 3
+      for (int ky = 0; ky < 3; ++ky) {
+        const in_t* base = rows[ky] + c0 + (ow0 * j.sw - j.pw) * in_px;
+#pragma GCC unroll 3
+        for (int kx = 0; kx < 3; ++kx) {
+          const in_t* p = base + kx * tap_step;
+#pragma GCC unroll 16
+          for (int r = 0; r < kBlockW; ++r)
+            acc[r] = vfma(wv[ky * 3 + kx],
+                          kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                          acc[r]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < kBlockW; ++r) {
+        if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
+        else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
+      }
+    }
+    return;
+  }
+  for (int64_t next = lo; next < hi; next += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, false, kFull, KW>(j, rows, c0, in_px, w, bias,
+                                                        std::min(next, hi - kBlockW), out,
+                                                        out_px, nch);
+}
+
+// One output row of one channel vector (nch < kLanes: a channel tail). The interior, where
+// every tap is inside, runs in unchecked register blocks of kBlockW pixels (a width that
+// kBlockW does not divide ends with a block shifted left, recomputing a few pixels
+// bit-identically); a border at least kBlockW wide runs in checked blocks, narrower ones pixel
+// by pixel over their valid taps.
+template <typename in_t, typename out_t, bool kFull>
+__attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j,
+                                                           const in_t* const* rows, int64_t c0,
+                                                           int64_t in_px, const float* w, V bias,
+                                                           int64_t ow_begin, int64_t ow_end,
+                                                           out_t* out, int64_t out_px, int nch) {
+  // left border [ow_begin, lo), interior [lo, hi), right border [hi, ow_end)
+  const int64_t lo = std::clamp(j.inner_lo, ow_begin, ow_end);
+  const int64_t hi = std::clamp(j.inner_hi, lo, ow_end);
+  int64_t ow = ow_begin;
+  for (; ow + kBlockW <= lo; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < lo; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  if (hi - lo >= kBlockW) {
+    switch (j.kw) {
+      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch);
+    }
+  } else {
+    for (ow = lo; ow < hi; ++ow)
+      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  }
+  for (ow = hi; ow + kBlockW <= ow_end; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < ow_end; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+}
+
+// One output row over `blocks` channel vectors (+ a tail of nch_tail channels), in column
+// tiles of j.tile_w pixels with the channel vectors inside: a tile's input pixels (all
+// channels, kh rows) are sized to stay in L1 while every channel vector uses them, and are
+// read as contiguous runs the prefetcher follows.
+template <typename in_t, typename out_t>
+__attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const in_t* const* rows,
+                                                    int64_t in_px, int64_t blocks, int nch_tail,
+                                                    out_t* out, int64_t out_px) {
+  const int64_t taps = j.kh * j.kw;
+  for (int64_t t0 = 0; t0 < j.Wo; t0 += j.tile_w) {
+    const int64_t t1 = std::min(j.Wo, t0 + j.tile_w);
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
+      conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
+                                         b, t0, t1, out + cb * kLanes, out_px, kLanes);
+    }
+    if (nch_tail) {
+      const V b = j.bias ? vload(j.bias + blocks * kLanes) : vset1(0.f);
+      conv_row_vector<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
+                                          j.w + blocks * taps * kLanes, b, t0, t1,
+                                          out + blocks * kLanes, out_px, nch_tail);
+    }
+  }
+}
+
+// NHWC, multiplier 1: one task per output row (n, oh), reading the input rows in place.
+template <typename T>
+void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(j.x);
+  T* y = static_cast<T*>(j.y);
+  const T* rows[kDwMaxK];
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t n = p / j.Ho, oh = p % j.Ho;
+    for (int64_t ky = 0; ky < j.kh; ++ky) {
+      const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
+      rows[ky] = (ih >= 0 && ih < j.H) ? x + (n * j.H + ih) * j.W * j.C : nullptr;
+    }
+    conv_row<T, T>(j, rows, j.C, j.C / kLanes, static_cast<int>(j.C % kLanes),
+                   y + (n * j.Ho + oh) * j.Wo * j.OC, j.OC);
+  }
+}
+
+// dst[iw][l] = planes[l][iw] for iw < W, l < nch; lanes past nch are zero.
+template <typename T>
+inline void transpose_in(const T* const* planes, int nch, int64_t offset, int64_t W,
+                         float* dst) {
+  int64_t iw = 0;
+#if DWF_HAS_TRANSPOSE8
+  // chunks of 8 pixels; a width that 8 does not divide ends with a chunk shifted left
+  if (nch == kLanes && W >= 8) {
+    for (int64_t next = 0; next < W; next += 8) {
+      iw = std::min(next, W - 8);
+      for (int g = 0; g < kLanes; g += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = load8(planes[g + i] + offset + iw);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (iw + i) * kLanes + g, r[i]);
+      }
+    }
+    iw = W;
+  }
+#endif
+  for (; iw < W; ++iw) {
+    int l = 0;
+    for (; l < nch; ++l) dst[iw * kLanes + l] = static_cast<float>(planes[l][offset + iw]);
+    for (; l < kLanes; ++l) dst[iw * kLanes + l] = 0.f;
+  }
+}
+
+// planes[l][ow] = src[ow][l] for ow < Wo, l < nch.
+template <typename T>
+inline void transpose_out(const float* src, int64_t Wo, T* const* planes, int nch,
+                          int64_t offset) {
+  int64_t ow = 0;
+#if DWF_HAS_TRANSPOSE8
+  if (nch == kLanes && Wo >= 8) {
+    for (int64_t next = 0; next < Wo; next += 8) {
+      ow = std::min(next, Wo - 8);
+      for (int g = 0; g < kLanes; g += 8) {
+        __m256 r[8];
+        for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + (ow + i) * kLanes + g);
+        transpose8(r);
+        for (int i = 0; i < 8; ++i) store8(planes[g + i] + offset + ow, r[i]);
+      }
+    }
+    ow = Wo;
+  }
+#endif
+  for (; ow < Wo; ++ow)
+    for (int l = 0; l < nch; ++l) planes[l][offset + ow] = static_cast<T>(src[ow * kLanes + l]);
+}
+
+// NCHW: one task per (image, block of kLanes output channels, strip of output rows). The
+// block's input rows are transposed into a ring of (kh-1)*dh+1 rows of [W][kLanes] floats as
+// the strip first needs them (each input row once per strip, plus the halo of the strip
+// above), so the channel-vector row kernel runs on them and small maps fill every lane; each
+// output row goes through an L1-resident [Wo][kLanes] row and is transposed back into planes.
+template <typename T>
+void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(j.x);
+  T* y = static_cast<T*>(j.y);
+  const int64_t span = (j.kh - 1) * j.dh + 1, ring_row = j.W * kLanes;
+  float* ring = scratch<float>(kDwRingSlot, span * ring_row);
+  float* orow = scratch<float>(kDwRowSlot, j.Wo * kLanes);
+  const int64_t blocks = (j.OC + kLanes - 1) / kLanes;
+  const float* rows[kDwMaxK];
+  const T* in_planes[kLanes];
+  T* out_planes[kLanes];
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t strip = t % j.strips, nb = t / j.strips, cb = nb % blocks, n = nb / blocks;
+    const int64_t oc0 = cb * kLanes;
+    const int nch = static_cast<int>(std::min<int64_t>(kLanes, j.OC - oc0));
+    for (int l = 0; l < nch; ++l) {
+      in_planes[l] = x + (n * j.C + (oc0 + l) / j.multiplier) * j.H * j.W;
+      out_planes[l] = y + (n * j.OC + oc0 + l) * j.Ho * j.Wo;
+    }
+    DwForwardJob jb = j;  // this block's weights and bias, whole rows
+    jb.tile_w = j.Wo;
+    jb.w = j.w + cb * j.kh * j.kw * kLanes;
+    jb.bias = j.bias ? j.bias + oc0 : nullptr;
+    const int64_t oh0 = strip * j.strip_rows, oh1 = std::min(j.Ho, oh0 + j.strip_rows);
+    int64_t next = std::numeric_limits<int64_t>::min();  // first input row not in the ring
+    for (int64_t oh = oh0; oh < oh1; ++oh) {
+      for (int64_t ky = 0; ky < j.kh; ++ky) {
+        const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
+        if (ih < 0 || ih >= j.H) {
+          rows[ky] = nullptr;
+          continue;
+        }
+        if (ih >= next) {
+          for (int64_t r = std::max({next, ih - span + 1, int64_t(0)}); r <= ih; ++r)
+            transpose_in(in_planes, nch, r * j.W, j.W, ring + (r % span) * ring_row);
+          next = ih + 1;
+        }
+        rows[ky] = ring + (ih % span) * ring_row;
+      }
+      conv_row<float, float>(jb, rows, kLanes, 1, 0, orow, kLanes);
+      transpose_out(orow, j.Wo, out_planes, nch, oh * j.Wo);
+    }
+  }
+}
+
+static const DwForwardIsa kIsa{kIsaName,           kLanes,
+                               nhwc_rows<float>,   nhwc_rows<c10::BFloat16>,
+                               nchw_tasks<float>,  nchw_tasks<c10::BFloat16>};
