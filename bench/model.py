@@ -289,11 +289,15 @@ def legend():
     ]
 
 
-def text_table(rows) -> str:
-    body = [_cells(r) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *body)]
+def aligned_table(header, body) -> str:
+    """Plain-text columns (shared by the depthwise and the GEMM-engine models)."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
-    return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def text_table(rows) -> str:
+    return aligned_table(HEADER, [_cells(r) for r in rows])
 
 
 def markdown(rows) -> str:

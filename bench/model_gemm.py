@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import List
 
 from .cases import Case
+from .model import aligned_table
 
 COPY_BPS = 3.0e12          # measured device-to-device copy on H100s here (GUIDE §3)
 L2_BPS = 7.0e12            # L2 read bandwidth, approximate (as bench/model.py)
@@ -356,10 +357,7 @@ def legend():
 
 
 def text_table(rows) -> str:
-    body = [_cells(r) for r in rows]
-    widths = [max(len(str(x)) for x in col) for col in zip(HEADER, *body)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa
-    return "\n".join([line(HEADER), line(["-" * w for w in widths])] + [line(b) for b in body])
+    return aligned_table(HEADER, [_cells(r) for r in rows])
 
 
 def markdown(rows) -> str:
