@@ -212,6 +212,7 @@ def _run_every_path(monkeypatch):
             torch.use_deterministic_algorithms(deterministic)
             convops.dilated_conv2d(x, dil, None, 1, 2, 2, 2).sum().backward()
             convops.deform_conv2d(x, off, dcn, None, padding=1, mask=mask).sum().backward()
+            convops.deform_conv2d(x, off, dw1, None, padding=1, mask=mask).sum().backward()
     finally:
         torch.use_deterministic_algorithms(prev)
 
