@@ -93,18 +93,6 @@ inline void vstore(c10::BFloat16* p, V v) {
   r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
 }
-template <typename T>
-inline V vload_part(const T* p, int n) {
-  alignas(64) float t[kLanes] = {};
-  for (int i = 0; i < n; ++i) t[i] = static_cast<float>(p[i]);
-  return vload(t);
-}
-template <typename T>
-inline void vstore_part(T* p, V v, int n) {
-  alignas(64) float t[kLanes];
-  vstore(t, v);
-  for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
-}
 #include "cpu/depthwise_forward_x86_8.h"
 #include "cpu/depthwise_forward_kernels.h"
 #undef DWF_HAS_TRANSPOSE8
@@ -127,18 +115,6 @@ inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vload(const c10::BFloat16* p) { return load8(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void vstore(c10::BFloat16* p, V v) { store8(p, v); }
-template <typename T>
-inline V vload_part(const T* p, int n) {
-  alignas(32) float t[kLanes] = {};
-  for (int i = 0; i < n; ++i) t[i] = static_cast<float>(p[i]);
-  return vload(t);
-}
-template <typename T>
-inline void vstore_part(T* p, V v, int n) {
-  alignas(32) float t[kLanes];
-  vstore(t, v);
-  for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
-}
 #include "cpu/depthwise_forward_kernels.h"
 #undef DWF_HAS_TRANSPOSE8
 }  // namespace dw_avx2
@@ -162,18 +138,6 @@ inline void vstore(c10::BFloat16* p, V v) {
   alignas(16) float t[4];
   _mm_store_ps(t, v);
   for (int i = 0; i < 4; ++i) p[i] = c10::BFloat16(t[i]);
-}
-template <typename T>
-inline V vload_part(const T* p, int n) {
-  alignas(16) float t[kLanes] = {};
-  for (int i = 0; i < n; ++i) t[i] = static_cast<float>(p[i]);
-  return vload(t);
-}
-template <typename T>
-inline void vstore_part(T* p, V v, int n) {
-  alignas(16) float t[kLanes];
-  vstore(t, v);
-  for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
 }
 #include "cpu/depthwise_forward_kernels.h"
 #undef DWF_HAS_TRANSPOSE8

@@ -7,6 +7,21 @@
 //   load8/store8, transpose8  (only where kHasTranspose8: AVX2 and AVX-512)
 // and kBlockW, the output pixels of one register block.
 
+// The first n lanes of a vector from / to memory (channel tails), through an aligned stack
+// buffer; the other lanes load as zero.
+template <typename T>
+inline V vload_part(const T* p, int n) {
+  alignas(sizeof(V)) float t[kLanes] = {};
+  for (int i = 0; i < n; ++i) t[i] = static_cast<float>(p[i]);
+  return vload(t);
+}
+template <typename T>
+inline void vstore_part(T* p, V v, int n) {
+  alignas(sizeof(V)) float t[kLanes];
+  vstore(t, v);
+  for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
+}
+
 // acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
 // one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
 // touch the border: per tap, pixels outside [lo[kx], hi[kx]) read nothing (no padded copy).
