@@ -75,7 +75,7 @@ struct DwForwardIsa {
 namespace dw_avx512 {
 using V = __m512;
 constexpr int kLanes = 16;
-constexpr int kBlockW = 8;
+constexpr int kBlockW = 8, kVecRegs = 32;
 constexpr const char* kIsaName = "avx512";
 #define DWF_HAS_TRANSPOSE8 1
 inline V vset1(float x) { return _mm512_set1_ps(x); }
@@ -105,7 +105,7 @@ inline void vstore(c10::BFloat16* p, V v) {
 namespace dw_avx2 {
 using V = __m256;
 constexpr int kLanes = 8;
-constexpr int kBlockW = 4;
+constexpr int kBlockW = 4, kVecRegs = 16;
 constexpr const char* kIsaName = "avx2";
 #define DWF_HAS_TRANSPOSE8 1
 #include "cpu/depthwise_forward_x86_8.h"
@@ -124,7 +124,7 @@ inline void vstore(c10::BFloat16* p, V v) { store8(p, v); }
 namespace dw_sse2 {
 using V = __m128;
 constexpr int kLanes = 4;
-constexpr int kBlockW = 4;
+constexpr int kBlockW = 4, kVecRegs = 16;
 constexpr const char* kIsaName = "baseline";
 #define DWF_HAS_TRANSPOSE8 0
 inline V vset1(float x) { return _mm_set1_ps(x); }
