@@ -9,6 +9,7 @@ kernel issue and report the score, which must be 100%.
 
   python tools/mutate.py                 # every mutant
   python tools/mutate.py --only nhwc     # mutants whose name contains "nhwc"
+  python tools/mutate.py --only a,b      # ... "a" or "b" (split a run over two scratch trees)
   python tools/mutate.py --list
 """
 import argparse
@@ -354,7 +355,7 @@ def _build(tree, log, debug=False):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", help="run mutants whose name contains this")
+    ap.add_argument("--only", help="run mutants whose name contains this (or any of a,b,...)")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--debug-build", action="store_true",
                     help="build the scratch tree with DEBUG=1 (-O0): faster rebuilds, slower tests")
@@ -362,7 +363,8 @@ def main(argv=None):
     ap.add_argument("--tree", default=f"/tmp/convops-mutate-{ROOT.name}",
                     help="scratch copy of the repo")
     args = ap.parse_args(argv)
-    mutants = [m for m in MUTANTS if not args.only or args.only in m.name]
+    only = args.only.split(",") if args.only else []
+    mutants = [m for m in MUTANTS if not only or any(o in m.name for o in only)]
     if args.list:
         for m in mutants:
             print(f"{m.name:42s} {m.path}")
