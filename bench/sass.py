@@ -37,9 +37,11 @@ REQUIRED_VECTOR_LOADS = {"depthwise_forward_nhwc_vec": ("float16", "bfloat16"),
                          "igemm_forward": ("float16", "bfloat16"),
                          "igemm_weight_grad": ("float16", "bfloat16")}
 # Rule 3: kernels that must be bit-reproducible (deterministic mode, GUIDE §2): no float atomics.
-DETERMINISTIC_PREFIXES = ("depthwise_weight_grad", "igemm_weight_grad", "igemm_data_grad_fixed")
+DETERMINISTIC_PREFIXES = ("depthwise_weight_grad", "igemm_weight_grad", "igemm_data_grad_fixed",
+                          "igemm_data_grad_depthwise_fixed", "igemm_forward")
 # Rule 4: the only kernels allowed float atomics (the non-deterministic fast scatter paths).
-FLOAT_ATOMIC_ALLOWED = ("gather_col2im_atomic", "igemm_data_grad_atomic")
+FLOAT_ATOMIC_ALLOWED = ("gather_col2im_atomic", "igemm_data_grad_atomic",
+                        "igemm_data_grad_depthwise_atomic")
 # Rule 5: kernel -> dtypes whose every instantiation must issue tensor-core MMAs (HMMA).
 REQUIRED_MMA = {name: ("float16", "bfloat16") for name in
                 ("igemm_forward", "igemm_weight_grad", "igemm_data_grad_atomic",

@@ -21,7 +21,9 @@ def _weights(device):
     g = torch.Generator().manual_seed(1)
     return {"depthwise": torch.randn(32, 1, 5, 5, generator=g).to(device).requires_grad_(),
             "dilated": torch.randn(8, 8, 3, 3, generator=g).to(device).requires_grad_(),
-            "deform": torch.randn(8, 16, 3, 3, generator=g).to(device).requires_grad_()}
+            "deform": torch.randn(8, 16, 3, 3, generator=g).to(device).requires_grad_(),
+            # groups == C, multiplier 2: the direct depthwise kernels on CUDA
+            "deform_depthwise": torch.randn(32, 1, 3, 3, generator=g).to(device).requires_grad_()}
 
 
 OPS = {
@@ -29,6 +31,8 @@ OPS = {
     "dilated": lambda x, off, mask, w, b: convops.dilated_conv2d(x, w, b[:8], 1, 3, 3, 2),
     "deform": lambda x, off, mask, w, b: convops.deform_conv2d(x, off, w, b[:8], padding=1,
                                                                mask=mask),
+    "deform_depthwise": lambda x, off, mask, w, b: convops.deform_conv2d(x, off, w, b, padding=1,
+                                                                         mask=mask),
 }
 
 
@@ -38,7 +42,7 @@ def _run(op, device):
     w = _weights(device)[op]
     b = torch.randn(32, generator=torch.Generator().manual_seed(2)).to(device).requires_grad_()
     out = OPS[op](x, off, mask, w, b)
-    leaves = [x, off, mask, w, b] if op == "deform" else [x, w, b]
+    leaves = [x, off, mask, w, b] if op.startswith("deform") else [x, w, b]
     grads = torch.autograd.grad(out.square().sum(), leaves)
     return (out.detach(),) + grads
 

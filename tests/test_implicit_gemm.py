@@ -3,7 +3,11 @@
 realistic shapes that span several tiles (64 out-channels x 64 pixels, K-slices of 32
 channels) with tails everywhere, every dtype and layout, both scatter modes (fp32 atomics and
 fixed-point), TF32, the image-chunked input gradient, skipped padding taps, and the kernels
-asserted to have run."""
+asserted to have run. Every shape here has fewer output tiles than two per SM, so the forward
+and the input gradient split their taps over blocks unless CONVOPS_CUDA_TAP_SPLITS=1 (both are
+tested)."""
+import os
+
 import pytest
 import torch
 
@@ -36,7 +40,7 @@ def _deform_cases():
 
 
 def _depthwise_deform_cases():
-    # groups == C: the direct forward; multiplier 2, offset groups 1 and C.
+    # groups == C: the direct kernels; multiplier 2, offset groups 1 and C.
     base = dict(batch=2, kernel=(3, 3), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
                 size=(9, 10), mask=True, bias=True, offset_scale=2.0)
     return [dict(base, channels=24, out_per_group=1, groups=24, og=1, channels_last=True,
@@ -74,6 +78,8 @@ def _run(check, case, gpu):
                                    else "igemm_data_grad_atomic"}
         assert wanted <= ran, f"engine kernels not run: {wanted - ran}"
         assert not {"gather_im2col", "gather_col2im_atomic", "gather_col2im_ordered"} & ran
+        split = os.environ.get("CONVOPS_CUDA_TAP_SPLITS", "auto") != "1"
+        assert ("igemm_forward_reduce" in ran) == split, ran
 
 
 @pytest.mark.parametrize("case", _deform_cases(), ids=str)
@@ -81,13 +87,49 @@ def test_deform_engine(case, deterministic_mode, gpu):
     _run(lambda c, d: test_deform._check(c, d, test_deform.reference), case, gpu)
 
 
+DEPTHWISE_KERNELS = {"igemm_forward_depthwise", "igemm_weight_grad_depthwise",
+                     "igemm_weight_grad_reduce"}
+
+
+def _assert_depthwise_kernels_ran(before):
+    ran = _engine_ran(before)
+    scatter = "fixed" if torch.are_deterministic_algorithms_enabled() else "atomic"
+    wanted = DEPTHWISE_KERNELS | {f"igemm_data_grad_depthwise_{scatter}"}
+    assert wanted <= ran, f"direct depthwise kernels not run: {wanted - ran}"
+    assert not {"igemm_forward", "igemm_weight_grad", "igemm_data_grad_atomic",
+                "igemm_data_grad_fixed"} & ran, ran
+
+
 @pytest.mark.parametrize("case", _depthwise_deform_cases(), ids=str)
-def test_depthwise_deform_direct_forward(case, deterministic_mode, gpu):
+def test_depthwise_deform_direct_kernels(case, deterministic_mode, gpu):
     before = emulator.launch_counts()
     test_deform._check(case, gpu.device, test_deform.reference)
     if gpu.emulated:
-        ran = _engine_ran(before)
-        assert "igemm_forward_depthwise" in ran and "igemm_forward" not in ran, ran
+        _assert_depthwise_kernels_ran(before)
+
+
+def test_depthwise_dilated_direct_kernels(deterministic_mode, gpu):
+    # groups == C with multiplier 2, dilation 2 and stride 2, channels_last bf16
+    case = dict(batch=2, groups=20, channels=20, out=40, kernel=(3, 3), stride=(2, 2),
+                padding=(2, 2), dilation=(2, 2), size=(13, 12), bias=True, channels_last=True,
+                dtype=torch.bfloat16)
+    before = emulator.launch_counts()
+    test_dilated._check(case, gpu.device)
+    if gpu.emulated:
+        _assert_depthwise_kernels_ran(before)
+
+
+@pytest.mark.parametrize("splits", ["1", "4"])
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_tap_splits(op, splits, deterministic_mode, gpu, monkeypatch):
+    # 1: no split (one block per tile); 4: three splits of three taps (auto gives one tap each).
+    monkeypatch.setenv("CONVOPS_CUDA_TAP_SPLITS", splits)
+    if op == "deform":
+        for case in _deform_cases()[:2]:
+            _run(lambda c, d: test_deform._check(c, d, test_deform.reference), case, gpu)
+    else:
+        for case in _dilated_cases()[:2]:
+            _run(test_dilated._check, case, gpu)
 
 
 @pytest.mark.parametrize("case", _dilated_cases(), ids=str)

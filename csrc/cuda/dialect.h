@@ -135,6 +135,16 @@ inline int64_t blocks_for(int64_t total, int64_t threads) {
   return (total + threads - 1) / threads;
 }
 
+// The high 64 bits of a * b (a 64-bit division by a launch constant, as a multiply: see
+// PixelCursor in cuda/implicit_gemm.cuh).
+__device__ __forceinline__ uint64_t mul_high_u64(uint64_t a, uint64_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umul64hi(a, b);
+#else
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+#endif
+}
+
 #ifdef CONVOPS_EMULATE_CUDA
 struct DeviceGuard {
   explicit DeviceGuard(const c10::Device&) {}

@@ -10,7 +10,10 @@
 //
 // - Forward (igemm_forward): A = weight (OC, taps, Cg) copy in the input dtype, B = sampled
 //   columns (scalar_t), out = A * B + bias. Staging gives each thread one pixel and 16
-//   channels; its sample is computed once per (tap, offset group).
+//   channels; its sample is computed once per (tap, offset group). Small maps and batch 1,
+//   with fewer tiles than two per SM, also split the taps over blocks (split-K along the
+//   tap-major K): fp32 (fp64) partials of O(tiles), added in split order by
+//   igemm_forward_reduce. The input gradient splits its taps the same way.
 // - Weight gradient (igemm_weight_grad + igemm_weight_grad_reduce): dW = grad_out * cols^T,
 //   reducing over N*Ho*Wo in slices of 32 pixels; the pixel range is split S ways (S from the
 //   shapes only) into partials of S x OC x taps x Cg in fp32 (fp64), independent of the batch,
@@ -30,8 +33,11 @@
 //   The accumulation buffer covers at most kAccumBudget elements: larger batches run in image
 //   chunks, so extra memory does not grow with the batch.
 // - Dilated convolution: taps whose samples all land in padding for a tile are skipped.
-// - Depthwise layers (groups == C): the forward is direct (igemm_forward_depthwise); their
-//   backward still runs the GEMM kernels above, with mostly empty tiles.
+// - Depthwise layers (groups == C): the GEMM degenerates (K = taps, or M = 1 per group), so
+//   every pass is direct: igemm_forward_depthwise, igemm_weight_grad_depthwise (a fixed-order
+//   block reduction per (out-channel, pixel range), then the same split reduce) and
+//   igemm_data_grad_depthwise_{atomic,fixed} (one thread per pixel and tap, walking the offset
+//   group's channels; the same scatter modes).
 // - Math: fp16/bf16 on tensor cores (fp32 accumulation); fp32 on TF32 tensor cores when
 //   torch.backends.cudnn.allow_tf32 (as F.conv2d), else exact FFMA; fp64 FFMA. Tensor cores
 //   need sm_80; older GPUs and CONVOPS_CUDA_IMPL=plain run the plain engine
@@ -72,6 +78,7 @@ constexpr int kStageChannels = 16;  // channels one thread samples per K-slice
 constexpr int64_t kAccumBudget = int64_t(1) << 25;
 constexpr int64_t kWgTargetBlocks = 1056;  // about 8 blocks per SM of an H100
 constexpr int64_t kMaxWgSplits = 64;
+constexpr int64_t kTapSplitTargetBlocks = 264;  // 2 blocks per SM of an H100 (132 SMs)
 
 // Shared-memory layout of one block: A (kRowsA x ld) and B (kBN x ld, column-major) tiles in
 // the operand type, reused after the K loop as the fp32 (fp64) result tile C (kRowsA x ldc).
@@ -93,13 +100,15 @@ struct TileLayout {
 struct EngineParams {
   int64_t N, C, H, W, OC, taps, kw, Cg, OCg, groups, cpo, offset_groups, Ho, Wo, HoWo;
   int cpo32, Wo32, HoWo32, go_ocp32, go_cols32, Cg32, kw32, groups32;  // for 32-bit divisions
-  int64_t slices, per_split;  // weight gradient: slices of kBK pixels, and per split
+  uint64_t howo_inv;  // floor((2^64 - 1) / HoWo): see pixel_cursor
+  int64_t slices;             // weight gradient: slices of kBK pixels
+  int64_t per_split;          // weight gradient: slices per split; else taps per split
   int64_t n0, n1;                  // the images this launch covers
   int64_t x_sn, x_sc, x_sy, x_sx;  // input
   int64_t o_sn, o_sc, o_sy, o_sx;  // output or grad_output
   bool out_channels_last;          // forward: coalesce the output along channels
   bool vec_channels;               // input channels_last, pixels and groups 16-byte aligned
-  int64_t splits;                  // weight gradient: pixel ranges
+  int64_t splits;                  // weight gradient: pixel ranges; else tap ranges
   // Input gradient: grad_out of the block's 64 pixels held in shared memory for the whole
   // block (pixel-major, each group's out-channels padded to go_ocp, row length go_ld), or
   // staged again per K-slice when it does not fit (go_resident false).
@@ -264,14 +273,22 @@ struct BlockMath<scalar_t, false, kRowsA> {
 };
 
 // Output pixel q of the launch (over its images) as image n and position r in the image.
-// One 64-bit division per cursor; moving it by less than 2^30 pixels and splitting r take
-// 32-bit divisions (Ho * Wo < 2^30, checked on the host), which need no call.
+// No 64-bit division (a call on the GPU, whose register saves spill): q / (Ho * Wo) is the high
+// product with howo_inv = floor((2^64 - 1) / (Ho * Wo)), which gives the quotient or one less,
+// and one step corrects it. Moving a cursor by less than 2^30 pixels and splitting r take
+// 32-bit divisions (Ho * Wo < 2^30, checked on the host), which need no call either.
 struct PixelCursor {
   int64_t n;
   int r;
 };
 __device__ __forceinline__ PixelCursor pixel_cursor(int64_t q, const EngineParams& e) {
-  return {e.n0 + q / e.HoWo, static_cast<int>(q % e.HoWo)};
+  int64_t n = static_cast<int64_t>(mul_high_u64(static_cast<uint64_t>(q), e.howo_inv));
+  int64_t r = q - n * e.HoWo;
+  if (r >= e.HoWo) {
+    ++n;
+    r -= e.HoWo;
+  }
+  return {e.n0 + n, static_cast<int>(r)};
 }
 __device__ __forceinline__ PixelCursor advance(PixelCursor c, int by, const EngineParams& e) {
   int r = c.r + by;
@@ -309,11 +326,18 @@ __device__ __forceinline__ bool tap_reaches_image(int* flag, const Sampler& s_im
 
 // --- forward --------------------------------------------------------------------------------
 
+// Where a tap split's partial sum of (oc, launch pixel q) lives: in the output's order, so the
+// reduce reads the partials and writes the output both along memory.
+__device__ __forceinline__ int64_t partial_index(const EngineParams& e, int64_t oc, int64_t q,
+                                                 int64_t pixels) {
+  return e.out_channels_last ? q * e.OC + oc : oc * pixels + q;
+}
+
 template <typename scalar_t, bool kMma, typename Sampler>
 __global__ void __launch_bounds__(kIgThreads, 1)
 igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc,
-              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out, Sampler sampler,
-              EngineParams e) {
+              const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+              at::opmath_type<scalar_t>* __restrict__ partial, Sampler sampler, EngineParams e) {
 #if CONVOPS_TENSOR_CORES || !defined(__CUDA_ARCH__)
   using acc_t = at::opmath_type<scalar_t>;
   using L = TileLayout<scalar_t, kBM>;
@@ -325,7 +349,10 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   acc_t* Cs = reinterpret_cast<acc_t*>(smem);
   const int tid = threadIdx.x;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBN;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM, grp = blockIdx.z;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kBM;
+  const int bz = blockIdx.z, split = bz / e.groups32, grp = bz - split * e.groups32;
+  const int tap_begin = split * static_cast<int>(e.per_split);
+  const int tap_end = std::min(static_cast<int>(e.taps), tap_begin + static_cast<int>(e.per_split));
   const int bp = tid % kBN, bh = tid / kBN;  // staging: pixel, channel half
   const PixelPos pp = pixel_at(pixel_cursor(q0, e), bp, e);
   if (bh == 0) out_offset[bp] = pp.valid ? pp.n * e.o_sn + pp.oh * e.o_sy + pp.ow * e.o_sx : -1;
@@ -337,8 +364,8 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   const int64_t c_begin = grp * e.Cg, c_end = c_begin + e.Cg;
   BlockMath<scalar_t, kMma, kBM> math;
   math.zero();
-  for (int64_t tap = 0, ky = 0, kx = 0; tap < e.taps;
-       ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
+  for (int64_t tap = tap_begin, ky = tap_begin / e.kw32, kx = tap_begin - ky * e.kw32;
+       tap < tap_end; ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
     if (Sampler::kIntegerGrid &&
         !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, ky, kx))
       continue;
@@ -363,6 +390,8 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
   }
   math.store(Cs);
   __syncthreads();
+  const int64_t pixels = e.N * e.HoWo;
+  acc_t* part = partial != nullptr ? partial + split * e.OC * pixels : nullptr;
   for (int i = tid; i < kBM * kBN; i += kIgThreads) {
     const int mm = e.out_channels_last ? i % kBM : i / kBN;
     const int p = e.out_channels_last ? i / kBM : i % kBN;
@@ -370,10 +399,33 @@ igemm_forward(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_okc
     if (at < 0 || m0 + mm >= e.OCg) continue;
     const int64_t oc = grp * e.OCg + m0 + mm;
     acc_t v = Cs[mm * L::ldc + p];
+    if (part != nullptr) {  // a tap split: igemm_forward_reduce adds the splits and the bias
+      part[partial_index(e, oc, q0 + p, pixels)] = v;
+      continue;
+    }
     if (bias != nullptr) v += static_cast<acc_t>(bias[oc]);
     out[at + oc * e.o_sc] = static_cast<scalar_t>(v);
   }
 #endif
+}
+
+// out = bias + the tap splits' partial sums, added in split order (deterministic).
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+igemm_forward_reduce(const at::opmath_type<scalar_t>* __restrict__ partial,
+                     const scalar_t* __restrict__ bias, scalar_t* __restrict__ out,
+                     EngineParams e) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t pixels = e.N * e.HoWo;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= e.OC * pixels) return;
+  const int64_t oc = e.out_channels_last ? i % e.OC : i / pixels;
+  const int64_t q = e.out_channels_last ? i / e.OC : i % pixels;
+  acc_t sum = 0;
+  for (int64_t s = 0; s < e.splits; ++s) sum += partial[s * e.OC * pixels + i];
+  if (bias != nullptr) sum += static_cast<acc_t>(bias[oc]);
+  const PixelPos pp = pixel_at(pixel_cursor(q, e), 0, e);
+  out[pp.n * e.o_sn + oc * e.o_sc + pp.oh * e.o_sy + pp.ow * e.o_sx] = static_cast<scalar_t>(sum);
 }
 
 // Depthwise layers (groups == C, one input channel per group): the GEMM degenerates to K =
@@ -476,6 +528,52 @@ igemm_weight_grad(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g
 #endif
 }
 
+// Depthwise layers (Cg == 1): grad_weight[oc][tap] reduces over pixels only, and GEMM tiles
+// would be 1/64 full, so it is direct. Block (oc, split) of 256 threads: per tap each thread
+// sums grad_out * mask * sample over its pixels of the split, then the block adds the 256 sums
+// in a fixed tree into partial[split][oc][tap] (igemm_weight_grad_reduce adds the splits).
+template <typename scalar_t, typename Sampler>
+__global__ void __launch_bounds__(256)
+igemm_weight_grad_depthwise(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
+                            at::opmath_type<scalar_t>* __restrict__ partial, Sampler sampler,
+                            EngineParams e) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr int kThreads = 256;
+  CONVOPS_SHARED_ARRAY(acc_t, sums, kThreads);
+  const int tid = threadIdx.x;
+  // 32-bit divisions: channel counts fit (checked on the host)
+  const int oc = blockIdx.x, split = blockIdx.y, c = oc / static_cast<int>(e.OCg);
+  const int og = c / e.cpo32;
+  const int64_t q_begin = split * e.per_split;
+  const int64_t q_end = std::min(e.N * e.HoWo, q_begin + e.per_split);
+  const PixelCursor first = pixel_cursor(q_begin + tid, e);
+  const scalar_t* go_channel = grad_out + oc * e.o_sc;
+  const scalar_t* x_channel = x + c * e.x_sc;
+  for (int tap = 0, ky = 0, kx = 0; tap < e.taps;
+       ++tap, kx = kx + 1 == e.kw32 ? 0 : kx + 1, ky += kx == 0) {
+    acc_t sum = 0;
+    PixelCursor cur = first;
+    for (int64_t q = q_begin + tid; q < q_end; q += kThreads, cur = advance(cur, kThreads, e)) {
+      const int oh = cur.r / e.Wo32, ow = cur.r - oh * e.Wo32;
+      acc_t m;
+      const auto smp = sampler.image(cur.n).sample_at(og, ky, kx, oh, ow, &m);
+      const acc_t go = static_cast<acc_t>(
+          go_channel[cur.n * e.o_sn + oh * e.o_sy + ow * e.o_sx]);
+      sum += go * m *
+             sample_value<acc_t, scalar_t, int64_t>(x_channel + cur.n * e.x_sn, e.x_sy, e.x_sx,
+                                                    smp);
+    }
+    sums[tid] = sum;
+    __syncthreads();
+    for (int half = kThreads / 2; half > 0; half /= 2) {
+      if (tid < half) sums[tid] += sums[tid + half];
+      __syncthreads();
+    }
+    if (tid == 0) partial[(split * e.OC + oc) * e.taps + tap] = sums[0];
+    __syncthreads();  // sums is rewritten by the next tap
+  }
+}
+
 // grad_weight (OC, Cg, kh, kw) = sum over splits, in split order.
 template <typename scalar_t>
 __global__ void __launch_bounds__(256)
@@ -513,8 +611,9 @@ __device__ __forceinline__ void scatter_add(const GradInputTarget<acc_t>& t, dou
   }
 }
 
-// Grid: one block per 64-pixel tile. Loops over taps and slices of <= kBK channels that stay
-// inside one group and one offset group. grad_offset / grad_mask: contiguous, or nullptr.
+// Grid: one block per 64-pixel tile and tap split. Loops over the split's taps and slices of
+// <= kBK channels that stay inside one group and one offset group. grad_offset / grad_mask:
+// contiguous, or nullptr.
 // Two kernels: igemm_data_grad_atomic (fp32/fp64 atomics) and igemm_data_grad_fixed (integer
 // atomics only: deterministic mode), so the compiler report can tell them apart.
 template <typename scalar_t, bool kMma, typename Sampler, bool kFixedPoint>
@@ -562,8 +661,10 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
   const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
   const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
   const int ac = tid / 4, ak = (tid % 4) * 8;  // staging of A (W^T): channel row, 8 out-channels
-  for (int64_t tap = 0, ky = 0, kx = 0; tap < e.taps;
-       ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
+  const int tap_begin = static_cast<int>(blockIdx.y) * static_cast<int>(e.per_split);
+  const int tap_end = std::min(static_cast<int>(e.taps), tap_begin + static_cast<int>(e.per_split));
+  for (int64_t tap = tap_begin, ky = tap_begin / e.kw32, kx = tap_begin - ky * e.kw32;
+       tap < tap_end; ++tap, kx = kx + 1 == e.kw ? 0 : kx + 1, ky += kx == 0) {
     if (Sampler::kIntegerGrid &&
         !tap_reaches_image<Sampler, acc_t>(tap_flag, s_img, pp, ky, kx))
       continue;
@@ -678,6 +779,84 @@ CONVOPS_DATA_GRAD_KERNEL(igemm_data_grad_fixed, true)
 #undef CONVOPS_DATA_GRAD_KERNEL
 
 
+// Depthwise layers (Cg == 1): dcols of channel c is sum over its multiplier's out-channels of
+// W[oc, tap] * grad_out[oc], no GEMM. One thread per (image of the chunk, offset group, tap,
+// pixel), pixels fastest (coalesced grad_out, grad_offset and grad_mask): it samples once,
+// walks the offset group's channels in order, scatters each and sums the offset/mask terms.
+// Grid: (pixel blocks, rows = image * offset group * tap, looped by gridDim.y); rows and
+// Ho * Wo fit in 32 bits (checked on the host), so no 64-bit division runs.
+template <typename scalar_t, typename Sampler, bool kFixedPoint>
+__device__ __forceinline__ void data_grad_depthwise_pixel(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ w, const Sampler& sampler, const EngineParams& e,
+    const GradInputTarget<at::opmath_type<scalar_t>>& gi, scalar_t* __restrict__ grad_offset,
+    scalar_t* __restrict__ grad_mask, int64_t n, int64_t og, int tap, int oh, int ow, int pix) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int ky = tap / e.kw32, kx = tap - ky * e.kw32;
+  acc_t m;
+  const auto smp = sampler.image(n).sample_at(og, ky, kx, oh, ow, &m);
+  const double scale = kFixedPoint ? *gi.scale : 0.0;
+  const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
+  const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
+  const scalar_t* go = grad_out + n * e.o_sn + oh * e.o_sy + ow * e.o_sx;
+  acc_t gy = 0, gx = 0, gm = 0;
+  for (int64_t c = og * e.cpo; c < (og + 1) * e.cpo; ++c) {
+    acc_t d = 0;
+    for (int64_t oc = c * e.OCg; oc < (c + 1) * e.OCg; ++oc)
+      d += static_cast<acc_t>(w[oc * e.taps + tap]) * static_cast<acc_t>(go[oc * e.o_sc]);
+    if (want_input && smp.inside) {
+      const int64_t at = (n - e.n0) * gi.sn + c * gi.sc + smp.y0 * gi.sy + smp.x0 * gi.sx;
+      const acc_t v = d * m;
+      if (smp.w00 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at, v * smp.w00);
+      if (smp.w01 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sx, v * smp.w01);
+      if (smp.w10 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sy, v * smp.w10);
+      if (smp.w11 != acc_t(0))
+        scatter_add<kFixedPoint>(gi, scale, at + gi.sy + gi.sx, v * smp.w11);
+    }
+    if (offset_grads && smp.near)
+      deform_sample_grad_term<acc_t, scalar_t, int64_t>(x + n * e.x_sn + c * e.x_sc, e.x_sy,
+                                                        e.x_sx, e.H, e.W, smp, d, &gy, &gx, &gm);
+  }
+  if (!offset_grads) return;
+  const int64_t base = n * e.offset_groups * e.taps * e.HoWo, at = og * e.taps + tap;
+  if (grad_offset != nullptr) {
+    grad_offset[2 * base + (2 * at) * e.HoWo + pix] = static_cast<scalar_t>(gy * m);
+    grad_offset[2 * base + (2 * at + 1) * e.HoWo + pix] = static_cast<scalar_t>(gx * m);
+  }
+  if (grad_mask != nullptr) grad_mask[base + at * e.HoWo + pix] = static_cast<scalar_t>(gm);
+}
+
+template <typename scalar_t, typename Sampler, bool kFixedPoint>
+__device__ __forceinline__ void data_grad_depthwise_body(
+    const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,
+    const scalar_t* __restrict__ w, const Sampler& sampler, const EngineParams& e,
+    const GradInputTarget<at::opmath_type<scalar_t>>& gi, scalar_t* __restrict__ grad_offset,
+    scalar_t* __restrict__ grad_mask) {
+  const int pix = static_cast<int>(blockIdx.x) * static_cast<int>(blockDim.x) + threadIdx.x;
+  if (pix >= e.HoWo32) return;
+  const int oh = pix / e.Wo32, ow = pix - oh * e.Wo32;
+  const int taps = static_cast<int>(e.taps), og_taps = static_cast<int>(e.offset_groups) * taps;
+  const int rows = static_cast<int>(e.n1 - e.n0) * og_taps;
+  for (int row = blockIdx.y; row < rows; row += gridDim.y)
+    data_grad_depthwise_pixel<scalar_t, Sampler, kFixedPoint>(
+        x, grad_out, w, sampler, e, gi, grad_offset, grad_mask, e.n0 + row / og_taps,
+        row % og_taps / taps, row % taps, oh, ow, pix);
+}
+
+#define CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL(name, fixed_point)                                  \
+  template <typename scalar_t, typename Sampler>                                               \
+  __global__ void __launch_bounds__(256)                                                       \
+  name(const scalar_t* __restrict__ x, const scalar_t* __restrict__ grad_out,                  \
+       const scalar_t* __restrict__ w, Sampler sampler, EngineParams e,                        \
+       GradInputTarget<at::opmath_type<scalar_t>> gi, scalar_t* __restrict__ grad_offset,      \
+       scalar_t* __restrict__ grad_mask) {                                                     \
+    data_grad_depthwise_body<scalar_t, Sampler, fixed_point>(x, grad_out, w, sampler, e, gi,   \
+                                                             grad_offset, grad_mask);         \
+  }
+CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL(igemm_data_grad_depthwise_atomic, false)
+CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL(igemm_data_grad_depthwise_fixed, true)
+#undef CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL
+
 // --- host side ------------------------------------------------------------------------------
 
 // The engine runs unless CONVOPS_CUDA_IMPL=plain or the GPU lacks bf16/TF32 tensor cores.
@@ -725,6 +904,7 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
   e.Ho = g.Ho; e.Wo = g.Wo; e.HoWo = g.Ho * g.Wo;
   e.cpo32 = static_cast<int>(e.cpo); e.Wo32 = static_cast<int>(e.Wo);
   e.HoWo32 = static_cast<int>(e.HoWo);
+  e.howo_inv = e.HoWo > 0 ? UINT64_MAX / static_cast<uint64_t>(e.HoWo) : 0;
   e.Cg32 = static_cast<int>(e.Cg); e.kw32 = static_cast<int>(e.kw);
   e.groups32 = static_cast<int>(e.groups);
   e.slices = e.per_split = 0;
@@ -744,6 +924,19 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
   return e;
 }
 
+// Small maps and batch 1 give fewer output tiles than the GPU has room for: the forward and
+// the input gradient then also split the taps over blocks (the forward adds the splits in a
+// fixed order; the input gradient's scatter adds them anyway). Splits depend on the shapes
+// only; CONVOPS_CUDA_TAP_SPLITS forces a count (1: never split), for the tests.
+inline void set_tap_splits(EngineParams& e, int64_t tiles, int64_t grid_z) {
+  int64_t wanted = blocks_for(kTapSplitTargetBlocks, tiles);
+  const char* v = std::getenv("CONVOPS_CUDA_TAP_SPLITS");
+  if (v != nullptr && std::atoll(v) > 0) wanted = std::atoll(v);
+  const int64_t splits = std::max<int64_t>(1, std::min({wanted, e.taps, kMaxGridYZ / grid_z}));
+  e.per_split = blocks_for(e.taps, splits);
+  e.splits = blocks_for(e.taps, e.per_split);
+}
+
 inline Dim3 checked_grid(const char* name, int64_t x, int64_t y, int64_t z) {
   TORCH_CHECK(x <= kMaxGridX && y <= kMaxGridYZ && z <= kMaxGridYZ, "convops: ", name,
               ": the problem needs a grid of (", x, ", ", y, ", ", z,
@@ -755,7 +948,7 @@ template <typename scalar_t, typename Sampler>
 void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                        const at::Tensor& bias, const DeformGeometry& g, const Sampler& sampler,
                        at::Tensor& out) {
-  const EngineParams e = engine_params(g, input, out);
+  EngineParams e = engine_params(g, input, out);
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;  // kernels index bias[oc]
   if (e.Cg == 1) {  // depthwise: the direct kernel
     const at::Tensor w = weight.contiguous();
@@ -768,17 +961,30 @@ void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                   out.mutable_data_ptr<scalar_t>(), sampler, e);
     return;
   }
+  using acc_t = at::opmath_type<scalar_t>;
   const at::Tensor w_okc = weight.permute({0, 2, 3, 1}).contiguous();  // (OC, kh, kw, Cg)
-  const Dim3 grid = checked_grid("igemm_forward", blocks_for(g.N * e.HoWo, kBN),
-                                 blocks_for(e.OCg, kBM), g.groups);
+  const int64_t pixels = g.N * e.HoWo, tiles_x = blocks_for(pixels, kBN);
+  const int64_t tiles_y = blocks_for(e.OCg, kBM);
+  set_tap_splits(e, tiles_x * tiles_y * g.groups, g.groups);
+  at::Tensor partial;  // tap splits: (splits, OC * pixels) in the output's order, O(tiles)
+  if (e.splits > 1)
+    partial = at::empty({e.splits, g.OC * pixels},
+                        input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  const Dim3 grid = checked_grid("igemm_forward", tiles_x, tiles_y, g.groups * e.splits);
+  const scalar_t* bias_ptr = bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
   with_math<scalar_t>([&](auto mma) {
     constexpr bool kMma = decltype(mma)::value;
     launch_kernel("igemm_forward", igemm_forward<scalar_t, kMma, Sampler>,
                   {grid, Dim3(kIgThreads), TileLayout<scalar_t, kBM>::bytes, kIgThreads},
-                  input.const_data_ptr<scalar_t>(), w_okc.const_data_ptr<scalar_t>(),
-                  bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-                  out.mutable_data_ptr<scalar_t>(), sampler, e);
+                  input.const_data_ptr<scalar_t>(), w_okc.const_data_ptr<scalar_t>(), bias_ptr,
+                  out.mutable_data_ptr<scalar_t>(),
+                  partial.defined() ? partial.mutable_data_ptr<acc_t>() : nullptr, sampler, e);
   });
+  if (e.splits > 1)
+    launch_kernel("igemm_forward_reduce", igemm_forward_reduce<scalar_t>,
+                  {checked_grid("igemm_forward_reduce", blocks_for(g.OC * pixels, 256), 1, 1),
+                   Dim3(256), 0, 256},
+                  partial.const_data_ptr<acc_t>(), bias_ptr, out.mutable_data_ptr<scalar_t>(), e);
 }
 
 // grad_weight (OC, Cg, kh, kw), contiguous, overwritten.
@@ -788,6 +994,25 @@ void igemm_weight_grad_run(const at::Tensor& grad_output, const at::Tensor& inpu
                            at::Tensor& grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
   EngineParams e = engine_params(g, input, grad_output);
+  if (e.Cg == 1) {  // depthwise: the direct kernel, split over pixel ranges of 256 or more
+    const int64_t pixels = g.N * e.HoWo;
+    e.splits = std::max<int64_t>(1, std::min({blocks_for(kWgTargetBlocks, g.OC), kMaxWgSplits,
+                                              blocks_for(pixels, 256)}));
+    e.per_split = blocks_for(pixels, e.splits);
+    const at::Tensor partial = at::empty(
+        {e.splits, g.OC, g.taps()}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    launch_kernel("igemm_weight_grad_depthwise", igemm_weight_grad_depthwise<scalar_t, Sampler>,
+                  {checked_grid("igemm_weight_grad_depthwise", g.OC, e.splits, 1), Dim3(256), 0,
+                   256},
+                  input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                  partial.mutable_data_ptr<acc_t>(), sampler, e);
+    launch_kernel("igemm_weight_grad_reduce", igemm_weight_grad_reduce<scalar_t>,
+                  {checked_grid("igemm_weight_grad_reduce", blocks_for(g.OC * g.taps(), 256), 1, 1),
+                   Dim3(256), 0, 256},
+                  partial.const_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<scalar_t>(),
+                  g.OC, int64_t(1), g.taps(), e.splits);
+    return;
+  }
   const int64_t tiles_x = g.taps() * blocks_for(e.Cg, kBN), tiles_y = blocks_for(e.OCg, kBM);
   const int64_t slices = blocks_for(g.N * e.HoWo, kBK);
   // Splits depend on the shapes only, so the summation order is the same on every run.
@@ -840,9 +1065,14 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
   const bool want_input = grad_input.defined() && grad_input.numel() > 0;
   const bool deterministic = at::globalContext().deterministicAlgorithms();
   const bool direct = want_input && !deterministic && std::is_same<scalar_t, acc_t>::value;
-  const at::Tensor w_gkco = weight.reshape({g.groups, g.out_channels_per_group(),
-                                            g.channels_per_group(), g.taps()})
-                                .permute({0, 3, 2, 1}).contiguous();  // (G, taps, Cg, OCg)
+  const bool depthwise = g.channels_per_group() == 1;
+  // (G, taps, Cg, OCg) for the GEMM kernels; depthwise: (OC, taps)
+  const at::Tensor w_gkco = depthwise ? at::Tensor()
+                                      : weight.reshape({g.groups, g.out_channels_per_group(),
+                                                        g.channels_per_group(), g.taps()})
+                                            .permute({0, 3, 2, 1}).contiguous();
+  const at::Tensor w_depthwise = depthwise ? weight.reshape({g.OC, g.taps()}).contiguous()
+                                           : at::Tensor();
   EngineParams e = engine_params(g, input, grad_output);
   using Layout = TileLayout<scalar_t, kBK>;
   int64_t smem = Layout::ab_bytes + Layout::c_bytes;
@@ -886,28 +1116,49 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
         gi.values = target.mutable_data_ptr<acc_t>();
       }
     }
-    const Dim3 grid = checked_grid("igemm_data_grad", blocks_for((e.n1 - e.n0) * e.HoWo, kBN),
-                                   1, 1);
     scalar_t* go_ptr = grad_offset.defined() ? grad_offset.mutable_data_ptr<scalar_t>() : nullptr;
     scalar_t* gm_ptr = grad_mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
-    with_math<scalar_t>([&](auto mma) {
-      constexpr bool kMma = decltype(mma)::value;
-      const LaunchConfig config{grid, Dim3(kIgThreads), smem, kIgThreads};
-      const int64_t allowance = smem;  // static + dynamic may then pass 48 KiB
-      if (deterministic) {
-        allow_dynamic_shared(igemm_data_grad_fixed<scalar_t, kMma, Sampler>, allowance);
-        launch_kernel("igemm_data_grad_fixed", igemm_data_grad_fixed<scalar_t, kMma, Sampler>,
-                      config, input.const_data_ptr<scalar_t>(),
-                      grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
-                      sampler, e, gi, go_ptr, gm_ptr);
-      } else {
-        allow_dynamic_shared(igemm_data_grad_atomic<scalar_t, kMma, Sampler>, allowance);
-        launch_kernel("igemm_data_grad_atomic", igemm_data_grad_atomic<scalar_t, kMma, Sampler>,
-                      config, input.const_data_ptr<scalar_t>(),
-                      grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
-                      sampler, e, gi, go_ptr, gm_ptr);
-      }
-    });
+    if (e.Cg == 1) {  // depthwise: the direct kernels
+      const int64_t rows = (e.n1 - e.n0) * g.offset_groups * g.taps();
+      TORCH_CHECK(rows < INT32_MAX, "convops: deform_conv2d backward: batch * offset groups * "
+                  "taps = ", rows, " needs 32-bit indexing");
+      const LaunchConfig config{
+          checked_grid("igemm_data_grad_depthwise", blocks_for(e.HoWo, 256),
+                       std::min(rows, kMaxGridYZ), 1),
+          Dim3(256), 0, 256};
+      if (deterministic)
+        launch_kernel("igemm_data_grad_depthwise_fixed",
+                      igemm_data_grad_depthwise_fixed<scalar_t, Sampler>, config,
+                      input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                      w_depthwise.const_data_ptr<scalar_t>(), sampler, e, gi, go_ptr, gm_ptr);
+      else
+        launch_kernel("igemm_data_grad_depthwise_atomic",
+                      igemm_data_grad_depthwise_atomic<scalar_t, Sampler>, config,
+                      input.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+                      w_depthwise.const_data_ptr<scalar_t>(), sampler, e, gi, go_ptr, gm_ptr);
+    } else {
+      const int64_t tiles = blocks_for((e.n1 - e.n0) * e.HoWo, kBN);
+      set_tap_splits(e, tiles, 1);
+      const Dim3 grid = checked_grid("igemm_data_grad", tiles, e.splits, 1);
+      with_math<scalar_t>([&](auto mma) {
+        constexpr bool kMma = decltype(mma)::value;
+        const LaunchConfig config{grid, Dim3(kIgThreads), smem, kIgThreads};
+        const int64_t allowance = smem;  // static + dynamic may then pass 48 KiB
+        if (deterministic) {
+          allow_dynamic_shared(igemm_data_grad_fixed<scalar_t, kMma, Sampler>, allowance);
+          launch_kernel("igemm_data_grad_fixed", igemm_data_grad_fixed<scalar_t, kMma, Sampler>,
+                        config, input.const_data_ptr<scalar_t>(),
+                        grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
+                        sampler, e, gi, go_ptr, gm_ptr);
+        } else {
+          allow_dynamic_shared(igemm_data_grad_atomic<scalar_t, kMma, Sampler>, allowance);
+          launch_kernel("igemm_data_grad_atomic", igemm_data_grad_atomic<scalar_t, kMma, Sampler>,
+                        config, input.const_data_ptr<scalar_t>(),
+                        grad_output.const_data_ptr<scalar_t>(), w_gkco.const_data_ptr<scalar_t>(),
+                        sampler, e, gi, go_ptr, gm_ptr);
+        }
+      });
+    }
     if (want_input && !direct) {
       const at::Tensor part = buffer.narrow(0, 0, e.n1 - e.n0);
       at::Tensor dst = grad_input.narrow(0, e.n0, e.n1 - e.n0);
