@@ -205,3 +205,45 @@ def test_peak_extra_memory_does_not_grow_with_batch(op, monkeypatch):
         outputs = sum(t.numel() * t.element_size() for t in grads)
         extras.append(torch.cuda.max_memory_allocated() - base - outputs)
     assert extras[1] <= extras[0] + (1 << 20), extras
+
+
+TAP_SPLIT_TARGET_BLOCKS = 264  # kTapSplitTargetBlocks in csrc/cuda/implicit_gemm.cuh
+
+
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_extra_memory_in_the_emulator(op, monkeypatch):
+    # The same property in the emulator, from the CPU allocator: every byte the engine allocates
+    # in a pass (the profiler's self memory of each op, frees ignored: an upper bound on the
+    # peak) beyond the pass's outputs. Backward: identical for batch 4 and 16 with a small
+    # accumulation budget. Forward: at most the tap-split partials, O(tiles) below
+    # 2 * 264 tiles of 64 x 64 fp32, plus the weight's reordered copy.
+    from torch.profiler import ProfilerActivity, profile
+    monkeypatch.setenv("CONVOPS_CUDA_ACCUM_BUDGET", str(1 << 16))
+
+    def extras(n):
+        g = torch.Generator().manual_seed(n)
+        x = torch.randn(n, 32, 24, 24, dtype=torch.float16, generator=g, requires_grad=True)
+        w = torch.randn(32, 32, 3, 3, dtype=torch.float16, generator=g, requires_grad=True)
+        off = torch.randn(n, 18, 24, 24, dtype=torch.float16, generator=g, requires_grad=True)
+        call = (lambda: convops.deform_conv2d(x, off, w, padding=1)) if op == "deform" \
+            else (lambda: convops.dilated_conv2d(x, w, None, 1, 2, 2))
+        with emulator.emulated_cuda():
+            before = emulator.launch_counts()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as forward:
+                out = call()
+            go = torch.randn(out.shape, generator=g, dtype=out.dtype)
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as backward:
+                grads = torch.autograd.grad(out, [x, w] + ([off] if op == "deform" else []), go)
+            assert "igemm_forward_reduce" in _engine_ran(before)  # the partials were allocated
+        result = []
+        for prof, outputs in ((forward, [out]), (backward, grads)):
+            allocated = sum(e.self_cpu_memory_usage for e in prof.events()
+                            if e.self_cpu_memory_usage > 0)
+            result.append(allocated - sum(t.numel() * t.element_size() for t in outputs))
+        return result, w.numel() * w.element_size()
+
+    (fwd4, bwd4), w_bytes = extras(4)
+    (fwd16, bwd16), _ = extras(16)
+    assert bwd16 == bwd4, (bwd4, bwd16)
+    bound = 2 * TAP_SPLIT_TARGET_BLOCKS * 64 * 64 * 4 + w_bytes
+    assert 0 < fwd4 <= bound and 0 < fwd16 <= bound, (fwd4, fwd16, bound)
