@@ -323,16 +323,17 @@ def legend():
         "same for both algorithms.",
         f"convops: implicit GEMM, M = out-channels, N = batch·Ho·Wo, K = taps·C/groups; N-tile "
         f"{TILE_N} pixels, M-tile {TILE_M} channels. The B tile is sampled while loading into "
-        "shared memory (4 corner reads per sample hit L1/L2): input read once from DRAM; an "
-        "NCHW input is first transposed to channels_last (read + write counted).",
+        "shared memory (4 corner reads per sample hit L1/L2): input read once from DRAM; "
+        "NCHW inputs are gathered plane by plane, coalesced along W across the tile's "
+        "adjacent pixels (no transpose pass), channels_last ones in 16-byte channel packs.",
         "convops: offsets and masks read once; weights read once from DRAM and once per "
         "further N-tile from L2; the B tile re-sampled per further M-tile (L2); output written "
         "once.",
         "convops bwd_input (deform): one fused kernel reads grad_out, weights, input, offsets, "
         "mask, writes grad_offset, grad_mask, and grad_input as fp32 atomics (4 per sample, "
         "counted as L2 bytes) into an fp32 buffer: zeroing, write-back and a cast pass "
-        "(read fp32, write dtype) counted. dilated: dgrad over grad_out (NCHW grad_out "
-        "transposed first), no atomics.",
+        "(read fp32, write dtype) counted. dilated: the same fused kernel with the integer "
+        "sampler, one fp32 atomic per grid point.",
         f"convops bwd_weight: implicit GEMM reading grad_out (re-read per further K-tile of "
         f"{TILE_K} from L2) and re-sampling the input; split-K = min(N-tiles, ceil("
         f"{SPLITK_BLOCKS} / output tiles)) fp32 partials of grad_weight, written, read by a "
