@@ -152,6 +152,14 @@ def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
             "implicit GEMM", dram=(s.X + s.offmask + s.Y + s.Wt) * es,
             l2=s.Wt * es * (s.n_tiles - 1) + s.X * es * (s.m_tiles - 1),
             mma=mma, ffma=SAMPLE_FLOPS_FWD * s.S if s.deform else 0))
+    elif pass_name == "bwd_input" and not s.deform and s.C // s.groups > 1:
+        # dilated: the forward kernel over grad_out with flipped taps (M = C per group, N =
+        # batch·H·W input pixels, K = taps·OC per group): a gather, no atomics, no buffer
+        ks.append(Kernel(
+            "implicit GEMM (dgrad, flipped taps)", dram=(s.Y + s.Wt + s.X) * es,
+            l2=s.Wt * es * (math.ceil(s.N * s.H * s.W / TILE_N) - 1)
+            + s.Y * es * (math.ceil(s.C // s.groups / TILE_M) - 1),
+            mma=mma))
     elif pass_name == "bwd_input":
         buffer = es != 4  # fp16/bf16 accumulate in an fp32 copy of grad_input
         # grad_out of the tile stays in shared memory (227 KiB) unless too wide: then it is
@@ -332,8 +340,9 @@ def legend():
         "convops bwd_input (deform): one fused kernel reads grad_out, weights, input, offsets, "
         "mask, writes grad_offset, grad_mask, and grad_input as fp32 atomics (4 per sample, "
         "counted as L2 bytes) into an fp32 buffer: zeroing, write-back and a cast pass "
-        "(read fp32, write dtype) counted. dilated: the same fused kernel with the integer "
-        "sampler, one fp32 atomic per grid point.",
+        "(read fp32, write dtype) counted. dilated (groups < C): the forward kernel over "
+        "grad_out with flipped taps (M = C/groups, N = batch·H·W, K = taps·OC/groups), the "
+        "same tile re-read rule, no atomics.",
         f"convops bwd_weight: implicit GEMM reading grad_out (re-read per further K-tile of "
         f"{TILE_K} from L2) and re-sampling the input; split-K = min(N-tiles, ceil("
         f"{SPLITK_BLOCKS} / output tiles)) fp32 partials of grad_weight, written, read by a "

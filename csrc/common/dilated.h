@@ -38,6 +38,37 @@ GridSampler<acc_t, scalar_t, int64_t> grid_sampler(const DeformGeometry& g) {
   return {g.H, g.W, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.dh, g.dw};
 }
 
+// The input gradient as a convolution over grad_output (flipped taps): input pixel (ih, iw)
+// takes tap (ky, kx) from the output pixel that reads it through that tap (output_pos_reading:
+// none off the stride grid or outside), with the same weight W[oc, c, ky, kx]. A gather, so no
+// atomics. Positions are int: the engine runs it for H * W < 2^30 only (no 64-bit division on
+// the GPU, where that is a call).
+template <typename acc_t, typename scalar_t, typename index_t>
+struct GridTransposeSampler {
+  static constexpr bool kIntegerGrid = true;
+  int Ho, Wo, sh, sw, ph, pw, dh, dw;
+
+  HOST_DEVICE_INLINE GridTransposeSampler image(index_t) const { return *this; }
+
+  HOST_DEVICE_INLINE Sample<acc_t, index_t> sample_at(index_t /*group*/, index_t ky, index_t kx,
+                                                      index_t ih, index_t iw,
+                                                      acc_t* modulation) const {
+    *modulation = acc_t(1);
+    const int oh = output_pos_reading<int>(static_cast<int>(ih), static_cast<int>(ky), Ho, sh,
+                                           ph, dh);
+    const int ow = output_pos_reading<int>(static_cast<int>(iw), static_cast<int>(kx), Wo, sw,
+                                           pw, dw);
+    return integer_sample<acc_t, index_t>(oh < 0 || ow < 0 ? -1 : oh, ow, Ho, Wo);
+  }
+};
+
+template <typename acc_t, typename scalar_t>
+GridTransposeSampler<acc_t, scalar_t, int64_t> grid_transpose_sampler(const DeformGeometry& g) {
+  return {static_cast<int>(g.Ho), static_cast<int>(g.Wo), static_cast<int>(g.sh),
+          static_cast<int>(g.sw), static_cast<int>(g.ph), static_cast<int>(g.pw),
+          static_cast<int>(g.dh), static_cast<int>(g.dw)};
+}
+
 // padding: (pad_h, pad_w) or (top, left, bottom, right). groups = C / weight.size(1).
 inline DeformGeometry dilated_geometry(const at::Tensor& input, const at::Tensor& weight,
                                        const c10::optional<at::Tensor>& bias,

@@ -1,5 +1,6 @@
 // Dilated convolution on CUDA: the fused implicit-GEMM engine (cuda/implicit_gemm.cuh) with the
-// integer grid sampler (common/dilated.h), skipping taps that land wholly in padding per tile.
+// integer grid sampler (common/dilated.h), skipping taps that land wholly in padding per tile;
+// the input gradient is the same forward engine over grad_output with flipped taps.
 // CONVOPS_CUDA_IMPL=plain (or a GPU without bf16/TF32 tensor cores) runs the plain engine
 // (cuda/gather_engine.cuh: bounded column chunks and cuBLAS).
 // Status: compiled in CI and run in the emulator; not yet run on a GPU.
@@ -58,7 +59,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dilated_conv2d_backward_cuda(
     if (implicit_gemm_enabled(g)) {
       if (output_mask[1]) igemm_weight_grad_run<scalar_t>(grad_output, input, g, sampler,
                                                           grads.weight);
-      if (output_mask[0]) {
+      // The input gradient: the flipped-tap GEMM (a gather, no atomics); depthwise layers
+      // (one channel per group) and problems beyond its 32-bit limits scatter through the
+      // direct / fused kernels. CONVOPS_CUDA_DILATED_DGRAD=scatter forces the scatter (tests).
+      const bool scatter = g.channels_per_group() == 1 ||
+                           env_is("CONVOPS_CUDA_DILATED_DGRAD", "scatter");
+      if (output_mask[0] &&
+          (scatter || !igemm_dilated_input_grad_run<scalar_t>(grad_output, weight, g,
+                                                              grads.input))) {
         igemm_data_grad_run<scalar_t>(grad_output, input, weight, c10::nullopt, g, sampler,
                                       grads.input, at::Tensor(), at::Tensor());
       }

@@ -32,7 +32,9 @@
 //   so no sum can overflow 2^62; each term is rounded to 2^-S, i.e. about 2^-62 of that bound.
 //   The accumulation buffer covers at most kAccumBudget elements: larger batches run in image
 //   chunks, so extra memory does not grow with the batch.
-// - Dilated convolution: taps whose samples all land in padding for a tile are skipped.
+// - Dilated convolution: taps whose samples all land in padding for a tile are skipped. Its
+//   input gradient (groups < C) is the forward kernel over grad_output with flipped taps
+//   (igemm_dilated_input_grad_run): a gather, no atomics.
 // - Depthwise layers (groups == C): the GEMM degenerates (K = taps, or M = 1 per group), so
 //   every pass is direct: igemm_forward_depthwise, igemm_weight_grad_depthwise (a fixed-order
 //   block reduction per (out-channel, pixel range), then the same split reduce) and
@@ -66,6 +68,7 @@
 #include <type_traits>
 
 #include "common/deform.h"
+#include "common/dilated.h"
 #include "common/tensor_utils.h"
 #include "cuda/dialect.h"
 
@@ -985,6 +988,27 @@ void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
                   {checked_grid("igemm_forward_reduce", blocks_for(g.OC * pixels, 256), 1, 1),
                    Dim3(256), 0, 256},
                   partial.const_data_ptr<acc_t>(), bias_ptr, out.mutable_data_ptr<scalar_t>(), e);
+}
+
+// The dilated input gradient (groups < C) as the forward engine over grad_output: the
+// transposed problem (channels C <-> OC, map H x W <-> Ho x Wo) with the flipped-tap sampler
+// (common/dilated.h) and the weight as (C, OC / groups, kh, kw). A gather on tensor cores: no
+// atomics (deterministic in both modes) and no fp32 accumulation buffer. Returns false when
+// the transposed problem is beyond the engine's 32-bit limits (the caller scatters instead).
+template <typename scalar_t>
+bool igemm_dilated_input_grad_run(const at::Tensor& grad_output, const at::Tensor& weight,
+                                  const DeformGeometry& g, at::Tensor& grad_input) {
+  DeformGeometry t = g;
+  t.C = g.OC; t.OC = g.C; t.H = g.Ho; t.W = g.Wo; t.Ho = g.H; t.Wo = g.W;
+  if (!implicit_gemm_enabled(t)) return false;
+  const int64_t ocg = g.out_channels_per_group(), cg = g.channels_per_group();
+  const at::Tensor w_t = weight.reshape({g.groups, ocg, cg, g.kh, g.kw})
+                             .transpose(1, 2)
+                             .reshape({g.C, ocg, g.kh, g.kw});
+  using acc_t = at::opmath_type<scalar_t>;
+  igemm_forward_run<scalar_t>(grad_output, w_t, at::Tensor(), t,
+                              grid_transpose_sampler<acc_t, scalar_t>(g), grad_input);
+  return true;
 }
 
 // grad_weight (OC, Cg, kh, kw), contiguous, overwritten.
