@@ -211,6 +211,17 @@ MUTANTS = [
     Mutant("igemm-dgrad-depthwise-wrong-corner", IG_CUH,
            "scatter_add<kFixedPoint>(gi, scale, at + gi.sy + gi.sx, v * smp.w11);\n    }\n    if (offset_grads && smp.near)",
            "scatter_add<kFixedPoint>(gi, scale, at + gi.sy, v * smp.w11);\n    }\n    if (offset_grads && smp.near)", tuple(IG_TESTS)),
+    Mutant("igemm-flipped-sampler-wrong-stride", "csrc/common/dilated.h",
+           "output_pos_reading<int>(static_cast<int>(iw), static_cast<int>(kx), Wo, sw,",
+           "output_pos_reading<int>(static_cast<int>(iw), static_cast<int>(kx), Wo, sh,",
+           tuple(IG_TESTS)),
+    Mutant("igemm-flipped-weight-not-transposed", IG_CUH,
+           "const at::Tensor w_t = weight.reshape({g.groups, ocg, cg, g.kh, g.kw})\n"
+           "                             .transpose(1, 2)\n",
+           "const at::Tensor w_t = weight.reshape({g.groups, ocg, cg, g.kh, g.kw})\n",
+           tuple(IG_TESTS)),
+    Mutant("igemm-flipped-geometry-keeps-output-size", IG_CUH,
+           "t.Ho = g.H; t.Wo = g.W;", "t.Ho = g.Ho; t.Wo = g.Wo;", tuple(IG_TESTS)),
     # === CPU kernels ==========================================================================
     # --- CPU depthwise NHWC (cpu/nhwc_kernels.h): register-blocked rows, weight gradient -----
     Mutant("cpu-nhwc-vectors-use-previous-weights", DW_NHWC,  # the mutation of issue #16
