@@ -273,3 +273,23 @@ def test_extra_memory_in_the_emulator(op, monkeypatch):
         + (1 << 16) * 8
     assert all(0 < v <= bound for v in (fwd4, fwd16, bwd4, bwd16)), \
         (fwd4, fwd16, bwd4, bwd16, bound)
+
+
+@pytest.mark.parametrize("transpose", ["auto", "0"])
+@pytest.mark.parametrize("op", ["deform", "dilated"])
+def test_nchw_input_transposed_or_gathered_by_plane(op, transpose, deterministic_mode, gpu,
+                                                    monkeypatch):
+    # A contiguous NCHW input with 16-byte channel runs is transposed by nchw_to_nhwc (40
+    # channels and 90 pixels: tails of its 32 x 32 tiles both ways), unless turned off: then
+    # the kernels gather plane by plane.
+    if transpose == "0":
+        monkeypatch.setenv("CONVOPS_CUDA_NCHW_TRANSPOSE", "0")
+    case = _deform_cases()[3] if op == "deform" else _dilated_cases()[2]
+    assert not case["channels_last"] and case["dtype"] in (torch.bfloat16, torch.float16)
+    before = emulator.launch_counts()
+    if op == "deform":
+        _run(lambda c, d: test_deform._check(c, d, test_deform.reference), case, gpu)
+    else:
+        _run(test_dilated._check, case, gpu, scatter=False)
+    if gpu.emulated:
+        assert ("nchw_to_nhwc" in _engine_ran(before)) == (transpose == "auto")

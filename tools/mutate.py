@@ -222,6 +222,9 @@ MUTANTS = [
            tuple(IG_TESTS)),
     Mutant("igemm-flipped-geometry-keeps-output-size", IG_CUH,
            "t.Ho = g.H; t.Wo = g.W;", "t.Ho = g.Ho; t.Wo = g.Wo;", tuple(IG_TESTS)),
+    Mutant("igemm-nchw-transpose-not-transposed", IG_CUH,
+           "out[image + (p0 + i) * C + c0 + tx] = tile[tx * 33 + i];",
+           "out[image + (p0 + i) * C + c0 + tx] = tile[i * 33 + tx];", tuple(IG_TESTS)),
     # === CPU kernels ==========================================================================
     # --- CPU depthwise NHWC (cpu/nhwc_kernels.h): register-blocked rows, weight gradient -----
     Mutant("cpu-nhwc-vectors-use-previous-weights", DW_NHWC,  # the mutation of issue #16

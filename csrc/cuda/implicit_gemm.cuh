@@ -7,6 +7,9 @@
 // ordered tap-major so one K-slice (a tap and up to kBK channels) shares its samples. The
 // columns never reach global memory: the B tile is sampled while it is staged in shared memory.
 // Blocks are kThreads = 128 threads (4 warps) and a 64 x 64 output tile, K in slices of 32.
+// Gathers read channels_last inputs in 16-byte channel packs; a contiguous NCHW input of a
+// grouped layer is first transposed by nchw_to_nhwc when the copy fits the accumulation budget
+// (gather_source), else read plane by plane, coalesced along W across the tile's pixels.
 //
 // - Forward (igemm_forward): A = weight (OC, taps, Cg) copy in the input dtype, B = sampled
 //   columns (scalar_t), out = A * B + bias. Staging gives each thread one pixel and 16
@@ -55,6 +58,7 @@
 #include <ATen/ops/amax.h>
 #include <ATen/ops/ceil.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/exp2.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/log2.h>
@@ -860,6 +864,25 @@ CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL(igemm_data_grad_depthwise_atomic, false)
 CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL(igemm_data_grad_depthwise_fixed, true)
 #undef CONVOPS_DATA_GRAD_DEPTHWISE_KERNEL
 
+// --- NCHW input transpose -------------------------------------------------------------------
+
+// out (N, HW, C) = x (N, C, HW), contiguous both: 32 x 32 tiles through shared memory (padded
+// against bank conflicts), so both the reads along HW and the writes along C are coalesced.
+// Grid: (ceil(HW / 32), ceil(C / 32), N); block 32 x 8, each thread 4 rows.
+template <typename scalar_t>
+__global__ void __launch_bounds__(256)
+nchw_to_nhwc(const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t C, int64_t HW) {
+  CONVOPS_SHARED_ARRAY(scalar_t, tile, 32 * 33);
+  const int64_t p0 = static_cast<int64_t>(blockIdx.x) * 32, c0 = static_cast<int64_t>(blockIdx.y) * 32;
+  const int64_t image = static_cast<int64_t>(blockIdx.z) * C * HW;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int i = ty; i < 32; i += 8)
+    if (c0 + i < C && p0 + tx < HW) tile[i * 33 + tx] = x[image + (c0 + i) * HW + p0 + tx];
+  __syncthreads();
+  for (int i = ty; i < 32; i += 8)
+    if (p0 + i < HW && c0 + tx < C) out[image + (p0 + i) * C + c0 + tx] = tile[tx * 33 + i];
+}
+
 // --- host side ------------------------------------------------------------------------------
 
 // The engine runs unless CONVOPS_CUDA_IMPL=plain or the GPU lacks bf16/TF32 tensor cores.
@@ -940,6 +963,32 @@ inline void set_tap_splits(EngineParams& e, int64_t tiles, int64_t grid_z) {
   e.splits = blocks_for(e.taps, e.per_split);
 }
 
+inline Dim3 checked_grid(const char* name, int64_t x, int64_t y, int64_t z);
+
+// The tensor the engine gathers from. A contiguous NCHW input of a grouped layer (Cg > 1) is
+// first transposed to channels_last when the copy fits the accumulation budget: one pass
+// (reading and writing the input once, counted by the model) buys 16-byte channel packs for the
+// four corner reads of every sample. Otherwise, and for channel counts that break the 16-byte
+// packs, the kernels gather plane by plane, coalesced along W across the tile's adjacent
+// pixels; extra memory stays bounded by the budget whatever the batch.
+// CONVOPS_CUDA_NCHW_TRANSPOSE=0 turns the transpose off (tests of the plane gathers).
+template <typename scalar_t>
+at::Tensor gather_source(const at::Tensor& x, const DeformGeometry& g) {
+  const int64_t cg = g.channels_per_group();
+  if (cg == 1 || !x.is_contiguous() || x.numel() == 0 ||
+      (cg * static_cast<int64_t>(sizeof(scalar_t))) % 16 != 0 || x.numel() > accum_budget() ||
+      env_is("CONVOPS_CUDA_NCHW_TRANSPOSE", "0"))
+    return x;
+  at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
+  const int64_t HW = x.size(2) * x.size(3);
+  launch_kernel("nchw_to_nhwc", nchw_to_nhwc<scalar_t>,
+                {checked_grid("nchw_to_nhwc", blocks_for(HW, 32), blocks_for(x.size(1), 32),
+                              x.size(0)),
+                 Dim3(32, 8), 0, 256},
+                x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), x.size(1), HW);
+  return out;
+}
+
 inline Dim3 checked_grid(const char* name, int64_t x, int64_t y, int64_t z) {
   TORCH_CHECK(x <= kMaxGridX && y <= kMaxGridYZ && z <= kMaxGridYZ, "convops: ", name,
               ": the problem needs a grid of (", x, ", ", y, ", ", z,
@@ -948,9 +997,10 @@ inline Dim3 checked_grid(const char* name, int64_t x, int64_t y, int64_t z) {
 }
 
 template <typename scalar_t, typename Sampler>
-void igemm_forward_run(const at::Tensor& input, const at::Tensor& weight,
+void igemm_forward_run(const at::Tensor& source, const at::Tensor& weight,
                        const at::Tensor& bias, const DeformGeometry& g, const Sampler& sampler,
                        at::Tensor& out) {
+  const at::Tensor input = gather_source<scalar_t>(source, g);
   EngineParams e = engine_params(g, input, out);
   const at::Tensor bias_c = bias.defined() ? bias.contiguous() : bias;  // kernels index bias[oc]
   if (e.Cg == 1) {  // depthwise: the direct kernel
@@ -1013,10 +1063,11 @@ bool igemm_dilated_input_grad_run(const at::Tensor& grad_output, const at::Tenso
 
 // grad_weight (OC, Cg, kh, kw), contiguous, overwritten.
 template <typename scalar_t, typename Sampler>
-void igemm_weight_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
+void igemm_weight_grad_run(const at::Tensor& grad_output, const at::Tensor& source,
                            const DeformGeometry& g, const Sampler& sampler,
                            at::Tensor& grad_weight) {
   using acc_t = at::opmath_type<scalar_t>;
+  const at::Tensor input = gather_source<scalar_t>(source, g);
   EngineParams e = engine_params(g, input, grad_output);
   if (e.Cg == 1) {  // depthwise: the direct kernel, split over pixel ranges of 256 or more
     const int64_t pixels = g.N * e.HoWo;
