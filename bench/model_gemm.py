@@ -137,16 +137,31 @@ def valid_tap_fraction(case: Case) -> float:
     return kept / (kh * case.N * per_image)
 
 
+ACCUM_BUDGET = 1 << 25     # elements: the engine's accumulation / transpose budget
+
+
+def _nchw_transpose(layout, channels_per_group, elems, es) -> List[Kernel]:
+    """gather_source: a contiguous NCHW tensor the engine gathers from is transposed once when
+    its channel runs make 16-byte packs and it fits the budget (read + write)."""
+    if layout != "nchw" or channels_per_group == 1 or (channels_per_group * es) % 16 \
+            or elems > ACCUM_BUDGET:
+        return []
+    return [Kernel("NCHW -> NHWC transpose", dram=2 * elems * es)]
+
+
 def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
-    """The fused implicit GEMM as built (csrc/cuda/implicit_gemm.cuh). Staging threads take
-    adjacent pixels, so NCHW gathers are coalesced along W and channels_last ones along
-    channels (16-byte packs): no transpose pass in either layout. The input gradient is one
-    fused kernel for both ops: dcols on tensor cores per K-slice of 32 channels (grad_out
-    of the tile resident in shared memory when it fits, else re-read per slice), scattered with fp32 atomics into an fp32 buffer (16-bit
-    dtypes; fp32 scatters into grad_input itself)."""
+    """The fused implicit GEMM as built (csrc/cuda/implicit_gemm.cuh). Gathers read
+    channels_last inputs in 16-byte channel packs; an NCHW input is transposed first when it
+    fits the budget (else gathered plane by plane, coalesced along W). The deformable input
+    gradient is one fused kernel: dcols on tensor cores per K-slice of 32 channels (grad_out of
+    the tile resident in shared memory when it fits, else re-read per slice), scattered with
+    fp32 atomics into an fp32 buffer (16-bit dtypes; fp32 scatters into grad_input itself);
+    the dilated one is the forward kernel over grad_out with flipped taps."""
     mma = 2 * s.macs * skip_fraction
     slices = math.ceil(s.Kg / SLICE_K)
     ks = []
+    if pass_name in ("fwd", "bwd_weight"):
+        ks += _nchw_transpose(layout, s.C // s.groups, s.X, es)
     if pass_name == "fwd":
         ks.append(Kernel(
             "implicit GEMM", dram=(s.X + s.offmask + s.Y + s.Wt) * es,
@@ -155,6 +170,7 @@ def convops(s: Shape, pass_name, layout, es, skip_fraction=1.0) -> List[Kernel]:
     elif pass_name == "bwd_input" and not s.deform and s.C // s.groups > 1:
         # dilated: the forward kernel over grad_out with flipped taps (M = C per group, N =
         # batch·H·W input pixels, K = taps·OC per group): a gather, no atomics, no buffer
+        ks += _nchw_transpose(layout, s.OC // s.groups, s.Y, es)
         ks.append(Kernel(
             "implicit GEMM (dgrad, flipped taps)", dram=(s.Y + s.Wt + s.X) * es,
             l2=s.Wt * es * (math.ceil(s.N * s.H * s.W / TILE_N) - 1)
@@ -332,8 +348,9 @@ def legend():
         f"convops: implicit GEMM, M = out-channels, N = batch·Ho·Wo, K = taps·C/groups; N-tile "
         f"{TILE_N} pixels, M-tile {TILE_M} channels. The B tile is sampled while loading into "
         "shared memory (4 corner reads per sample hit L1/L2): input read once from DRAM; "
-        "NCHW inputs are gathered plane by plane, coalesced along W across the tile's "
-        "adjacent pixels (no transpose pass), channels_last ones in 16-byte channel packs.",
+        "channels_last inputs are read in 16-byte channel packs; an NCHW input (grad_out for "
+        "the dilated input gradient) is first transposed when it fits 2^25 elements (read + "
+        "write counted, fwd and bwd_weight), else gathered plane by plane.",
         "convops: offsets and masks read once; weights read once from DRAM and once per "
         "further N-tile from L2; the B tile re-sampled per further M-tile (L2); output written "
         "once.",
