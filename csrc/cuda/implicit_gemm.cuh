@@ -977,6 +977,7 @@ at::Tensor gather_source(const at::Tensor& x, const DeformGeometry& g) {
   const int64_t cg = g.channels_per_group();
   if (cg == 1 || !x.is_contiguous() || x.numel() == 0 ||
       (cg * static_cast<int64_t>(sizeof(scalar_t))) % 16 != 0 || x.numel() > accum_budget() ||
+      x.size(0) > kMaxGridYZ || blocks_for(x.size(1), 32) > kMaxGridYZ ||
       env_is("CONVOPS_CUDA_NCHW_TRANSPOSE", "0"))
     return x;
   at::Tensor out = at::empty_like(x, at::MemoryFormat::ChannelsLast);
