@@ -163,6 +163,18 @@ def test_input_gradient_in_image_chunks(op, deterministic_mode, gpu, monkeypatch
     _run(check, dict(case, batch=3), gpu)
 
 
+def test_depthwise_input_gradient_in_image_chunks(deterministic_mode, gpu, monkeypatch):
+    # The direct depthwise scatter with a budget of one image per launch (float16: an fp32
+    # accumulation buffer, reused image by image).
+    case = dict(_depthwise_deform_cases()[0], batch=3)
+    per_image = case["channels"] * case["size"][0] * case["size"][1]
+    monkeypatch.setenv("CONVOPS_CUDA_ACCUM_BUDGET", str(per_image))
+    before = emulator.launch_counts()
+    test_deform._check(case, gpu.device, test_deform.reference)
+    if gpu.emulated:
+        _assert_depthwise_kernels_ran(before)
+
+
 @pytest.mark.parametrize("op", ["deform", "dilated"])
 def test_input_gradient_with_grad_output_streamed(op, deterministic_mode, gpu, monkeypatch):
     # grad_out too large for shared memory is staged again per K-slice instead of once per

@@ -618,6 +618,20 @@ __device__ __forceinline__ void scatter_add(const GradInputTarget<acc_t>& t, dou
   }
 }
 
+// Adds v times each corner's bilinear weight to the corners of a sample in one plane (base:
+// the plane's offset); corners of weight 0 (outside, or an integer sample's three others) are
+// skipped.
+template <bool kFixedPoint, typename acc_t>
+__device__ __forceinline__ void scatter_corners(const GradInputTarget<acc_t>& t, double scale,
+                                                int64_t base, const Sample<acc_t, int64_t>& smp,
+                                                acc_t v) {
+  const int64_t at = base + smp.y0 * t.sy + smp.x0 * t.sx;
+  if (smp.w00 != acc_t(0)) scatter_add<kFixedPoint>(t, scale, at, v * smp.w00);
+  if (smp.w01 != acc_t(0)) scatter_add<kFixedPoint>(t, scale, at + t.sx, v * smp.w01);
+  if (smp.w10 != acc_t(0)) scatter_add<kFixedPoint>(t, scale, at + t.sy, v * smp.w10);
+  if (smp.w11 != acc_t(0)) scatter_add<kFixedPoint>(t, scale, at + t.sy + t.sx, v * smp.w11);
+}
+
 // Grid: one block per 64-pixel tile and tap split. Loops over the split's taps and slices of
 // <= kBK channels that stay inside one group and one offset group. grad_offset / grad_mask:
 // contiguous, or nullptr.
@@ -716,15 +730,8 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
           const int64_t c = c0 + bh * kStageChannels + j;
           if (c >= c1) break;
           const acc_t d = Ds[(c - c0) * L::ldc + bp];
-          if (want_input) {
-            const int64_t base = gi_img + c * gi.sc, at = base + smp.y0 * gi.sy + smp.x0 * gi.sx;
-            const acc_t v = d * m;
-            if (smp.w00 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at, v * smp.w00);
-            if (smp.w01 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sx, v * smp.w01);
-            if (smp.w10 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sy, v * smp.w10);
-            if (smp.w11 != acc_t(0))
-              scatter_add<kFixedPoint>(gi, scale, at + gi.sy + gi.sx, v * smp.w11);
-          }
+          if (want_input)
+            scatter_corners<kFixedPoint>(gi, scale, gi_img + c * gi.sc, smp, d * m);
           if (offset_grads && smp.near)
             deform_sample_grad_term<acc_t, scalar_t, int64_t>(x_img + c * e.x_sc, e.x_sy, e.x_sx,
                                                               e.H, e.W, smp, d, &gy, &gx, &gm);
@@ -811,15 +818,8 @@ __device__ __forceinline__ void data_grad_depthwise_pixel(
     acc_t d = 0;
     for (int64_t oc = c * e.OCg; oc < (c + 1) * e.OCg; ++oc)
       d += static_cast<acc_t>(w[oc * e.taps + tap]) * static_cast<acc_t>(go[oc * e.o_sc]);
-    if (want_input && smp.inside) {
-      const int64_t at = (n - e.n0) * gi.sn + c * gi.sc + smp.y0 * gi.sy + smp.x0 * gi.sx;
-      const acc_t v = d * m;
-      if (smp.w00 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at, v * smp.w00);
-      if (smp.w01 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sx, v * smp.w01);
-      if (smp.w10 != acc_t(0)) scatter_add<kFixedPoint>(gi, scale, at + gi.sy, v * smp.w10);
-      if (smp.w11 != acc_t(0))
-        scatter_add<kFixedPoint>(gi, scale, at + gi.sy + gi.sx, v * smp.w11);
-    }
+    if (want_input)
+      scatter_corners<kFixedPoint>(gi, scale, (n - e.n0) * gi.sn + c * gi.sc, smp, d * m);
     if (offset_grads && smp.near)
       deform_sample_grad_term<acc_t, scalar_t, int64_t>(x + n * e.x_sn + c * e.x_sc, e.x_sy,
                                                         e.x_sx, e.H, e.W, smp, d, &gy, &gx, &gm);
