@@ -306,3 +306,36 @@ def test_nchw_input_transposed_or_gathered_by_plane(op, transpose, deterministic
         _run(test_dilated._check, case, gpu, scatter=False)
     if gpu.emulated:
         assert ("nchw_to_nhwc" in _engine_ran(before)) == (transpose == "auto")
+
+
+def test_dilated_backward_of_an_empty_input_map(gpu):
+    # H = 0 with padding gives a 2-row output: the input gradient is empty (the flipped-tap
+    # GEMM's map has no pixels), the weight gradient zero. Once a division by zero on the host.
+    x = torch.randn(1, 4, 0, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 2, 1, 1, dtype=torch.float64, requires_grad=True)
+    out = convops.dilated_conv2d(x.to(gpu.device), w.to(gpu.device), None, 1, 1, 1, 2)
+    assert out.shape == (1, 4, 2, 7)
+    grad_x, grad_w = torch.autograd.grad(out.sum(), [x, w])
+    assert grad_x.shape == x.shape and torch.equal(grad_w, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("groups", [1, 8], ids=["gemm", "depthwise"])
+def test_offset_and_mask_gradients_without_input_gradient(groups, deterministic_mode, gpu):
+    # A first DCN layer on images: only offset and mask want gradients. The deterministic
+    # kernels then have no fixed-point scale (once a null dereference).
+    g = torch.Generator().manual_seed(stable_seed("offset-only", groups))
+    x = torch.randn(2, 8, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(8, 8 // groups, 3, 3, generator=g, dtype=torch.float64)
+    off = torch.randn(2, 18, 7, 6, generator=g, dtype=torch.float64) * 2
+    mask = torch.rand(2, 9, 7, 6, generator=g, dtype=torch.float64)
+    go = torch.randn(2, 8, 7, 6, generator=g, dtype=torch.float64)
+
+    def grads(device):
+        leaves = [t.to(device).requires_grad_() for t in (off, mask)]
+        out = convops.deform_conv2d(x.to(device), leaves[0], w.to(device), padding=1,
+                                    mask=leaves[1])
+        return [t.cpu() for t in torch.autograd.grad(out, leaves, go.to(device))]
+
+    # the CPU op is checked against the reference elsewhere
+    for got, ref in zip(grads(gpu.device), grads("cpu")):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)

@@ -678,8 +678,9 @@ __device__ __forceinline__ void data_grad_body(const scalar_t* __restrict__ x,
   const Sampler s_img = sampler.image(pp.n);
   const scalar_t* x_img = x + pp.n * e.x_sn;
   const int64_t gi_img = (pp.n - e.n0) * gi.sn;
-  const double scale = kFixedPoint ? *gi.scale : 0.0;
   const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
+  // no scale exists when only the offset / mask gradients are wanted
+  const double scale = kFixedPoint && want_input ? *gi.scale : 0.0;
   const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
   const int ac = tid / 4, ak = (tid % 4) * 8;  // staging of A (W^T): channel row, 8 out-channels
   const int tap_begin = static_cast<int>(blockIdx.y) * static_cast<int>(e.per_split);
@@ -809,8 +810,9 @@ __device__ __forceinline__ void data_grad_depthwise_pixel(
   const int ky = tap / e.kw32, kx = tap - ky * e.kw32;
   acc_t m;
   const auto smp = sampler.image(n).sample_at(og, ky, kx, oh, ow, &m);
-  const double scale = kFixedPoint ? *gi.scale : 0.0;
   const bool want_input = kFixedPoint ? gi.fixed != nullptr : gi.values != nullptr;
+  // no scale exists when only the offset / mask gradients are wanted
+  const double scale = kFixedPoint && want_input ? *gi.scale : 0.0;
   const bool offset_grads = !Sampler::kIntegerGrid && (grad_offset != nullptr || grad_mask != nullptr);
   const scalar_t* go = grad_out + n * e.o_sn + oh * e.o_sy + ow * e.o_sx;
   acc_t gy = 0, gx = 0, gm = 0;
@@ -955,7 +957,7 @@ inline EngineParams engine_params(const DeformGeometry& g, const at::Tensor& x,
 // fixed order; the input gradient's scatter adds them anyway). Splits depend on the shapes
 // only; CONVOPS_CUDA_TAP_SPLITS forces a count (1: never split), for the tests.
 inline void set_tap_splits(EngineParams& e, int64_t tiles, int64_t grid_z) {
-  int64_t wanted = blocks_for(kTapSplitTargetBlocks, tiles);
+  int64_t wanted = blocks_for(kTapSplitTargetBlocks, std::max<int64_t>(tiles, 1));
   const char* v = std::getenv("CONVOPS_CUDA_TAP_SPLITS");
   if (v != nullptr && std::atoll(v) > 0) wanted = std::atoll(v);
   const int64_t splits = std::max<int64_t>(1, std::min({wanted, e.taps, kMaxGridYZ / grid_z}));
@@ -1049,9 +1051,15 @@ void igemm_forward_run(const at::Tensor& source, const at::Tensor& weight,
 template <typename scalar_t>
 bool igemm_dilated_input_grad_run(const at::Tensor& grad_output, const at::Tensor& weight,
                                   const DeformGeometry& g, at::Tensor& grad_input) {
+  if (grad_input.numel() == 0) return true;  // an empty input map: nothing to write
   DeformGeometry t = g;
   t.C = g.OC; t.OC = g.C; t.H = g.Ho; t.W = g.Wo; t.Ho = g.H; t.Wo = g.W;
-  if (!implicit_gemm_enabled(t)) return false;
+  // The flipped-tap sampler computes positions in int (in_pos + pad - tap * dilation).
+  const auto fits_int = [](int64_t v) { return v <= INT32_MAX; };
+  if (!implicit_gemm_enabled(t) || !fits_int(g.sh) || !fits_int(g.sw) ||
+      !fits_int(g.H + g.ph) || !fits_int(g.W + g.pw) ||
+      !fits_int((g.kh - 1) * g.dh + g.ph) || !fits_int((g.kw - 1) * g.dw + g.pw))
+    return false;
   const int64_t ocg = g.out_channels_per_group(), cg = g.channels_per_group();
   const at::Tensor w_t = weight.reshape({g.groups, ocg, cg, g.kh, g.kw})
                              .transpose(1, 2)
@@ -1196,8 +1204,8 @@ void igemm_data_grad_run(const at::Tensor& grad_output, const at::Tensor& input,
     scalar_t* gm_ptr = grad_mask.defined() ? grad_mask.mutable_data_ptr<scalar_t>() : nullptr;
     if (e.Cg == 1) {  // depthwise: the direct kernels
       const int64_t rows = (e.n1 - e.n0) * g.offset_groups * g.taps();
-      TORCH_CHECK(rows < INT32_MAX, "convops: deform_conv2d backward: batch * offset groups * "
-                  "taps = ", rows, " needs 32-bit indexing");
+      TORCH_CHECK(rows <= INT32_MAX - kMaxGridYZ, "convops: the depthwise input gradient: batch * "
+                  "offset groups * taps = ", rows, " needs 32-bit indexing");
       const LaunchConfig config{
           checked_grid("igemm_data_grad_depthwise", blocks_for(e.HoWo, 256),
                        std::min(rows, kMaxGridYZ), 1),
