@@ -92,70 +92,94 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
   else vstore_part(out + ow * out_px, acc, nch);
 }
 
-// Unchecked blocks of R pixels over the interior [lo, hi) (hi - lo >= R), the last one shifted
-// left, for a compile-time width KW at stride 1 without dilation. Each input column of a
-// block's window (R + KW - 1 columns per input row) is loaded once and feeds every (pixel, tap)
-// pair that reads it, so a 3x3 block of 4 pixels does 6 loads per row instead of 12, and the
-// loads walk one pointer (per-tap address registers spilled in the profile).
-template <typename in_t, typename out_t, bool kFull, int KW, int R>
-__attribute__((always_inline)) inline void interior_sliding(const DwForwardJob& j,
-                                                            const in_t* const* rows, int64_t c0,
-                                                            int64_t in_px, const float* w, V bias,
-                                                            int64_t lo, int64_t hi, out_t* out,
-                                                            int64_t out_px, int nch) {
+// One block of R output pixels from ow0, for a compile-time width KW at stride 1 without
+// dilation. Each input column of the block's window (R + KW - 1 columns per input row) is
+// loaded once and feeds every (pixel, tap) pair that reads it, so a 3x3 block of 4 pixels does 6
+// loads per row instead of 12, and the loads walk one pointer (per-tap address registers
+// spilled in the profile). kChecked blocks touch the border: columns outside the image are
+// skipped, issuing no FMA, exactly as pixel_single skips those taps, so borders run at the
+// interior's speed and every path sums the same taps in the same order.
+template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked>
+__attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
+                                                         const in_t* const* rows, int64_t c0,
+                                                         int64_t in_px, const float* w, V bias,
+                                                         int64_t ow0, out_t* out, int64_t out_px,
+                                                         int nch) {
   constexpr int Q = R + KW - 1;
-  for (int64_t next = lo; next < hi; next += R) {
-    const int64_t ow0 = std::min(next, hi - R);
-    V acc[R];
+  V acc[R];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) acc[r] = bias;
-    for (int64_t ky = 0; ky < j.kh; ++ky) {
-      const in_t* p = rows[ky];
-      if (p == nullptr) continue;
-      p += c0 + (ow0 - j.pw) * in_px;
-      V wv[KW];
+  for (int r = 0; r < R; ++r) acc[r] = bias;
+  const int64_t ic0 = ow0 - j.pw;  // input column of the window's first column
+  for (int64_t ky = 0; ky < j.kh; ++ky) {
+    const in_t* p = rows[ky];
+    if (p == nullptr) continue;
+    p += c0 + ic0 * in_px;
+    V wv[KW];
 #pragma GCC unroll 8
-      for (int kx = 0; kx < KW; ++kx) wv[kx] = vload(w + (ky * KW + kx) * kLanes);
+    for (int kx = 0; kx < KW; ++kx) wv[kx] = vload(w + (ky * KW + kx) * kLanes);
 #pragma GCC unroll 32
-      for (int q = 0; q < Q; ++q, p += in_px) {
-        const V v = kFull ? vload(p) : vload_part(p, nch);
+    for (int q = 0; q < Q; ++q, p += in_px) {
+      if (kChecked && (ic0 + q < 0 || ic0 + q >= j.W)) continue;
+      const V v = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 16
-        for (int r = 0; r < R; ++r) {
-          const int kx = q - r;  // the tap of pixel r that reads column q
-          if (kx >= 0 && kx < KW) acc[r] = vfma(wv[kx], v, acc[r]);
-        }
+      for (int r = 0; r < R; ++r) {
+        const int kx = q - r;  // the tap of pixel r that reads column q
+        if (kx >= 0 && kx < KW) acc[r] = vfma(wv[kx], v, acc[r]);
       }
     }
+  }
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r) {
-      if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
-      else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
-    }
+  for (int r = 0; r < R; ++r) {
+    if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
+    else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
   }
 }
 
-// Unchecked blocks over the interior [lo, hi) (hi - lo >= kBlockW), the last one shifted left.
-// Stride 1 without dilation slides (above; sliding at stride 2 measured slower than the held
-// weights below, 0.84 vs 0.93 of oneDNN on s2-144@56); otherwise 3x3 filters with all three input
-// rows inside hold their nine weight vectors in registers for the whole run, and 5- and 7-wide
-// filters get a compile-time tap loop.
+template <typename in_t, typename out_t, bool kFull, int KW, int R>
+__attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& j,
+                                                            const in_t* const* rows, int64_t c0,
+                                                            int64_t in_px, const float* w, V bias,
+                                                            int64_t ow0, out_t* out,
+                                                            int64_t out_px, int nch) {
+  if (ow0 >= j.inner_lo && ow0 + R <= j.inner_hi)
+    sliding_block<in_t, out_t, kFull, KW, R, false>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
+  else
+    sliding_block<in_t, out_t, kFull, KW, R, true>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
+}
+
+// A row segment [ow_begin, ow_end) of a row at least kBlockW wide, borders included, in sliding
+// blocks: wide ones (R accumulators + KW weights + one input vector fill the register file
+// without spilling) while the segment has room, then narrow ones, the last shifted left (into
+// the previous segment if need be), recomputing a few pixels bit-identically.
+template <typename in_t, typename out_t, bool kFull, int KW>
+__attribute__((always_inline)) inline void sliding_run(const DwForwardJob& j,
+                                                       const in_t* const* rows, int64_t c0,
+                                                       int64_t in_px, const float* w, V bias,
+                                                       int64_t ow_begin, int64_t ow_end,
+                                                       out_t* out, int64_t out_px, int nch) {
+  constexpr int kWide = std::max(kBlockW, std::min(2 * kBlockW, kVecRegs - KW - 2));
+  int64_t ow = ow_begin;
+  // narrow blocks only where they tile the segment and wide ones would not (8 pixels, 7-wide)
+  const bool wide = (ow_end - ow_begin) % kWide == 0 || (ow_end - ow_begin) % kBlockW != 0;
+  for (; wide && ow_end - ow >= kWide; ow += kWide)
+    sliding_block_at<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < ow_end; ow += kBlockW)
+    sliding_block_at<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias,
+                                                      std::min(ow, j.Wo - kBlockW), out, out_px,
+                                                      nch);
+}
+
+// Unchecked blocks over the interior [lo, hi) (hi - lo >= kBlockW), the last one shifted left,
+// for what does not slide (sliding at stride 2 measured slower than the held weights below, 0.84
+// vs 0.93 of oneDNN on s2-144@56): 3x3 filters with all three input rows inside hold their nine
+// weight vectors in registers for the whole run, and 5- and 7-wide filters get a compile-time
+// tap loop.
 template <typename in_t, typename out_t, bool kFull, int KW>
 __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
                                                         const in_t* const* rows, int64_t c0,
                                                         int64_t in_px, const float* w, V bias,
                                                         int64_t lo, int64_t hi, out_t* out,
                                                         int64_t out_px, int nch) {
-  if constexpr (KW != 0) {
-    // Wide blocks where the interior has room: R accumulators + KW weights + one input vector
-    // fill the register file without spilling.
-    constexpr int kWide = std::max(kBlockW, std::min(2 * kBlockW, kVecRegs - KW - 2));
-    if (j.dw == 1 && j.sw == 1 && hi - lo >= kWide)
-      return interior_sliding<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias, lo, hi,
-                                                             out, out_px, nch);
-    if (j.dw == 1 && j.sw == 1)
-      return interior_sliding<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias, lo, hi,
-                                                               out, out_px, nch);
-  }
   if (KW == 3 && j.kh == 3 && rows[0] && rows[1] && rows[2]) {
     V wv[9];
 #pragma GCC unroll 9
@@ -193,40 +217,55 @@ __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
                                                         out_px, nch);
 }
 
-// One output row of one channel vector (nch < kLanes: a channel tail). The interior, where
-// every tap is inside, runs in unchecked register blocks of kBlockW pixels (a width that
-// kBlockW does not divide ends with a block shifted left, recomputing a few pixels
-// bit-identically); a border at least kBlockW wide runs in checked blocks, narrower ones pixel
-// by pixel over their valid taps.
+// One output row segment [ow_begin, ow_end) of one channel vector (nch < kLanes: a channel
+// tail). The interior, where every tap is inside, runs in unchecked register blocks; the
+// borders run in checked blocks of kBlockW pixels. A segment that blocks do not tile ends with
+// a block shifted left, even into the previous segment or the interior, recomputing a few
+// pixels bit-identically (every path sums the valid taps in the same order): one pixel at a time
+// would chain every FMA on one accumulator (4 cycles each), and at 14x14 with a 7x7 filter 9 of
+// 14 pixels were such single pixels. Only rows narrower than a block go pixel by pixel.
 template <typename in_t, typename out_t, bool kFull>
 __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j,
                                                            const in_t* const* rows, int64_t c0,
                                                            int64_t in_px, const float* w, V bias,
                                                            int64_t ow_begin, int64_t ow_end,
                                                            out_t* out, int64_t out_px, int nch) {
+  if (j.Wo < kBlockW) {
+    for (int64_t ow = ow_begin; ow < ow_end; ++ow)
+      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+    return;
+  }
+  if (j.sw == 1 && j.dw == 1) {
+    switch (j.kw) {
+      case 3: return sliding_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
+      case 5: return sliding_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
+      case 7: return sliding_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
+      default: break;
+    }
+  }
+  const auto checked = [&](int64_t begin, int64_t end) {
+    for (int64_t ow = begin; ow < end; ow += kBlockW)
+      pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias,
+                                                     std::min(ow, j.Wo - kBlockW), out, out_px,
+                                                     nch);
+  };
   // left border [ow_begin, lo), interior [lo, hi), right border [hi, ow_end)
   const int64_t lo = std::clamp(j.inner_lo, ow_begin, ow_end);
   const int64_t hi = std::clamp(j.inner_hi, lo, ow_end);
-  int64_t ow = ow_begin;
-  for (; ow + kBlockW <= lo; ow += kBlockW)
-    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  for (; ow < lo; ++ow)
-    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  if (hi - lo >= kBlockW) {
+  checked(ow_begin, lo);
+  if (hi > lo && j.inner_hi - j.inner_lo >= kBlockW) {
+    // widen a narrow interior segment to a block inside the row's interior
+    const int64_t a = std::min(lo, j.inner_hi - kBlockW), b = std::max(hi, a + kBlockW);
     switch (j.kw) {
-      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
-      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
-      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
-      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch);
+      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
+      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
+      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
+      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch);
     }
   } else {
-    for (ow = lo; ow < hi; ++ow)
-      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+    checked(lo, hi);
   }
-  for (ow = hi; ow + kBlockW <= ow_end; ow += kBlockW)
-    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  for (; ow < ow_end; ++ow)
-    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  checked(hi, ow_end);
 }
 
 // One output row over `blocks` channel vectors (+ a tail of nch_tail channels), in column
