@@ -152,6 +152,11 @@ def _forward_cases():
              padding=(0, 6), batch=2, bias=True, dtype=bf16, size=(12, 40)),
         dict(channels=9, multiplier=1, kernel=(5, 1), stride=(3, 1), dilation=(2, 1),
              padding=(4, 0), batch=2, bias=False, dtype=f32, size=(30, 9)),
+        # dilated stride-1 rows slide in runs of one block per phase (the last run shifted)
+        dict(channels=37, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(4, 4),
+             padding=4, batch=2, bias=True, dtype=f32, size=(21, 45)),
+        dict(channels=20, multiplier=1, kernel=(5, 5), stride=(1, 1), dilation=(2, 3),
+             padding=(4, 5), batch=2, bias=False, dtype=bf16, size=(19, 39)),
         # one channel block, batch 1: the NCHW rows are split into strips with a halo
         dict(channels=16, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(3, 3),
              padding=3, batch=1, bias=True, dtype=f32, size=(61, 50)),

@@ -416,12 +416,6 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       j.inner_lo = std::max(j.inner_lo, r.first), j.inner_hi = std::min(j.inner_hi, r.last);
     }
     if (cl) {
-      // Column tiles whose input (kh rows x all channels) fits in about 16 KiB of L1, whole
-      // register blocks (at least one, at most the row).
-      const int64_t px_bytes = g.C * static_cast<int64_t>(sizeof(scalar_t)) * g.kh;
-      const int64_t cols = std::max<int64_t>(1, (16 << 10) / std::max<int64_t>(1, px_bytes));
-      const int64_t tile = std::max<int64_t>(8, (cols - (g.kw - 1) * g.dw) / g.sw / 8 * 8);
-      j.tile_w = std::min(tile, g.Wo);
       const DwTaskFn fn = kF32 ? isa->nhwc_f32 : isa->nhwc_bf16;
       at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     } else {

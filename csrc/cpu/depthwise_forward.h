@@ -1,14 +1,15 @@
 // The depthwise forward for float32 and bfloat16 on CPU, both layouts, without a padded copy.
 //
 // NHWC (multiplier 1): channels fill the vector lanes (16 floats with AVX-512, 8 with AVX2, 4
-// baseline). One task per output row; the kernel walks the row in register blocks of kBlockW
-// output pixels and, per block, every channel vector: kBlockW accumulators stay in registers
-// over all kh*kw taps, each tap's weight vector is loaded once per block and feeds kBlockW FMAs.
-// Input rows are read in place: at the borders each tap is applied only to the pixels in its
-// valid output range [lo[kx], hi[kx]) (rows outside the image are skipped), so there are no
-// padded copies and no per-element bounds tests in the interior. bf16 is loaded and widened in
-// registers, accumulated in float32 and rounded (to nearest even, as c10) straight into the
-// output.
+// baseline). One task per output row; per channel vector the kernel walks the row in register
+// blocks of output pixels whose accumulators stay in registers over all kh*kw taps. At stride 1
+// with 3-, 5- or 7-wide filters the blocks slide: each input column of a block's window is loaded
+// once and feeds every (pixel, tap) pair that reads it, dilated rows in blocks of one phase, and
+// border blocks skip the columns outside the image. Other filters apply each tap's weight vector
+// to a block of pixels, only to the pixels in its valid output range [lo[kx], hi[kx]) at the
+// borders. Rows outside the image are skipped. Input rows are read in place: no padded copies.
+// bf16 is loaded and widened in registers, accumulated in float32 and rounded (to nearest even,
+// as c10) straight into the output.
 //
 // NCHW (any multiplier): to fill lanes on small maps (14x14, 7x7) the same kernel runs over a
 // block of kLanes output channels. Each task transposes the rows of its kLanes input planes
@@ -54,7 +55,6 @@ struct DwForwardJob {
   int64_t strips, strip_rows;  // NCHW: output rows split into strips of strip_rows
   int64_t lo[kDwMaxK], hi[kDwMaxK];  // per kx: output columns whose input column is inside
   int64_t inner_lo, inner_hi;        // columns where every tap is inside
-  int64_t tile_w;                    // NHWC: output columns per tile (a multiple of the block)
 };
 
 using DwTaskFn = void (*)(const DwForwardJob&, int64_t, int64_t);

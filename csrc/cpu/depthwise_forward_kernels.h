@@ -92,11 +92,12 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
   else vstore_part(out + ow * out_px, acc, nch);
 }
 
-// One block of R output pixels from ow0, for a compile-time width KW at stride 1 without
-// dilation. Each input column of the block's window (R + KW - 1 columns per input row) is
-// loaded once and feeds every (pixel, tap) pair that reads it, so a 3x3 block of 4 pixels does 6
-// loads per row instead of 12, and the loads walk one pointer (per-tap address registers
-// spilled in the profile). kChecked blocks touch the border: columns outside the image are
+// One block of R output pixels ow0 + r * dw, for a compile-time width KW at stride 1. Pixel r's
+// tap kx reads window column r + kx (input column ow0 - pw + (r + kx) * dw), so each of the
+// window's R + KW - 1 columns per input row is loaded once and feeds every (pixel, tap) pair that
+// reads it: a 3x3 block of 4 pixels does 6 loads per row instead of 12, and the loads walk one
+// pointer (per-tap address registers spilled in the profile). With dilation the block's pixels
+// are dw apart (one phase of the row), which is what makes their windows overlap. kChecked blocks touch the border: columns outside the image are
 // skipped, issuing no FMA, exactly as pixel_single skips those taps, so borders run at the
 // interior's speed and every path sums the same taps in the same order.
 template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked>
@@ -110,6 +111,7 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = bias;
   const int64_t ic0 = ow0 - j.pw;  // input column of the window's first column
+  const int64_t dw = j.dw, col_step = dw * in_px;
   for (int64_t ky = 0; ky < j.kh; ++ky) {
     const in_t* p = rows[ky];
     if (p == nullptr) continue;
@@ -118,8 +120,8 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
 #pragma GCC unroll 8
     for (int kx = 0; kx < KW; ++kx) wv[kx] = vload(w + (ky * KW + kx) * kLanes);
 #pragma GCC unroll 32
-    for (int q = 0; q < Q; ++q, p += in_px) {
-      if (kChecked && (ic0 + q < 0 || ic0 + q >= j.W)) continue;
+    for (int q = 0; q < Q; ++q, p += col_step) {
+      if (kChecked && (ic0 + q * dw < 0 || ic0 + q * dw >= j.W)) continue;
       const V v = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
@@ -130,8 +132,8 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
   }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
-    if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
-    else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
+    if (kFull) vstore(out + (ow0 + r * dw) * out_px, acc[r]);
+    else vstore_part(out + (ow0 + r * dw) * out_px, acc[r], nch);
   }
 }
 
@@ -141,29 +143,37 @@ __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& 
                                                             int64_t in_px, const float* w, V bias,
                                                             int64_t ow0, out_t* out,
                                                             int64_t out_px, int nch) {
-  if (ow0 >= j.inner_lo && ow0 + R <= j.inner_hi)
+  if (ow0 >= j.inner_lo && ow0 + (R - 1) * j.dw < j.inner_hi)
     sliding_block<in_t, out_t, kFull, KW, R, false>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
   else
     sliding_block<in_t, out_t, kFull, KW, R, true>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
 }
 
-// A row segment [ow_begin, ow_end) of a row at least kBlockW wide, borders included, in sliding
-// blocks: wide ones (R accumulators + KW weights + one input vector fill the register file
-// without spilling) while the segment has room, then narrow ones, the last shifted left (into
-// the previous segment if need be), recomputing a few pixels bit-identically.
+// A whole row (at least kBlockW * dw wide), borders included, in sliding blocks. Without
+// dilation: wide blocks (R accumulators + KW weights + one input vector fill the register file
+// without spilling), then narrow ones, the last shifted left, recomputing a few pixels
+// bit-identically. With dilation: runs of kBlockW * dw pixels, one narrow block per phase, the
+// last run shifted left.
 template <typename in_t, typename out_t, bool kFull, int KW>
-__attribute__((always_inline)) inline void sliding_run(const DwForwardJob& j,
+__attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
                                                        const in_t* const* rows, int64_t c0,
                                                        int64_t in_px, const float* w, V bias,
-                                                       int64_t ow_begin, int64_t ow_end,
                                                        out_t* out, int64_t out_px, int nch) {
+  if (j.dw > 1) {
+    const int64_t span = kBlockW * j.dw;
+    for (int64_t next = 0; next < j.Wo; next += span) {
+      const int64_t ow0 = std::min(next, j.Wo - span);
+      for (int64_t phase = 0; phase < j.dw; ++phase)
+        sliding_block_at<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias,
+                                                          ow0 + phase, out, out_px, nch);
+    }
+    return;
+  }
   constexpr int kWide = std::max(kBlockW, std::min(2 * kBlockW, kVecRegs - KW - 2));
-  int64_t ow = ow_begin;
-  // narrow blocks only where they tile the segment and wide ones would not (8 pixels, 7-wide)
-  const bool wide = (ow_end - ow_begin) % kWide == 0 || (ow_end - ow_begin) % kBlockW != 0;
-  for (; wide && ow_end - ow >= kWide; ow += kWide)
+  int64_t ow = 0;
+  for (; j.Wo - ow >= kWide; ow += kWide)
     sliding_block_at<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-  for (; ow < ow_end; ow += kBlockW)
+  for (; ow < j.Wo; ow += kBlockW)
     sliding_block_at<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias,
                                                       std::min(ow, j.Wo - kBlockW), out, out_px,
                                                       nch);
@@ -217,91 +227,81 @@ __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
                                                         out_px, nch);
 }
 
-// One output row segment [ow_begin, ow_end) of one channel vector (nch < kLanes: a channel
-// tail). The interior, where every tap is inside, runs in unchecked register blocks; the
-// borders run in checked blocks of kBlockW pixels. A segment that blocks do not tile ends with
-// a block shifted left, even into the previous segment or the interior, recomputing a few
-// pixels bit-identically (every path sums the valid taps in the same order): one pixel at a time
-// would chain every FMA on one accumulator (4 cycles each), and at 14x14 with a 7x7 filter 9 of
-// 14 pixels were such single pixels. Only rows narrower than a block go pixel by pixel.
+// One output row of one channel vector (nch < kLanes: a channel tail). Stride-1 rows of 3-, 5-
+// and 7-wide filters slide from border to border (above). Elsewhere the interior, where every
+// tap is inside, runs in unchecked register blocks of kBlockW pixels (a width that kBlockW does
+// not divide ends with a block shifted left, recomputing a few pixels bit-identically); a border
+// at least kBlockW wide runs in checked blocks, narrower ones pixel by pixel over their valid
+// taps. (Shifted checked blocks instead of single pixels measured 2.4x slower on 512@14 k27:
+// their per-pixel tap tests.)
 template <typename in_t, typename out_t, bool kFull>
 __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j,
                                                            const in_t* const* rows, int64_t c0,
                                                            int64_t in_px, const float* w, V bias,
-                                                           int64_t ow_begin, int64_t ow_end,
                                                            out_t* out, int64_t out_px, int nch) {
-  if (j.Wo < kBlockW) {
-    for (int64_t ow = ow_begin; ow < ow_end; ++ow)
-      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
-    return;
-  }
-  if (j.sw == 1 && j.dw == 1) {
+  if (j.sw == 1 && j.Wo >= kBlockW * j.dw) {
     switch (j.kw) {
-      case 3: return sliding_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
-      case 5: return sliding_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
-      case 7: return sliding_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, ow_begin, ow_end, out, out_px, nch);
+      case 3: return sliding_row<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, out, out_px, nch);
+      case 5: return sliding_row<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, out, out_px, nch);
+      case 7: return sliding_row<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, out, out_px, nch);
       default: break;
     }
   }
-  const auto checked = [&](int64_t begin, int64_t end) {
-    for (int64_t ow = begin; ow < end; ow += kBlockW)
-      pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias,
-                                                     std::min(ow, j.Wo - kBlockW), out, out_px,
-                                                     nch);
-  };
-  // left border [ow_begin, lo), interior [lo, hi), right border [hi, ow_end)
-  const int64_t lo = std::clamp(j.inner_lo, ow_begin, ow_end);
-  const int64_t hi = std::clamp(j.inner_hi, lo, ow_end);
-  checked(ow_begin, lo);
-  if (hi > lo && j.inner_hi - j.inner_lo >= kBlockW) {
-    // widen a narrow interior segment to a block inside the row's interior
-    const int64_t a = std::min(lo, j.inner_hi - kBlockW), b = std::max(hi, a + kBlockW);
+  // left border [0, lo), interior [lo, hi), right border [hi, Wo)
+  const int64_t lo = std::clamp<int64_t>(j.inner_lo, 0, j.Wo);
+  const int64_t hi = std::clamp(j.inner_hi, lo, j.Wo);
+  int64_t ow = 0;
+  for (; ow + kBlockW <= lo; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < lo; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  if (hi - lo >= kBlockW) {
     switch (j.kw) {
-      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
-      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
-      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch); break;
-      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, a, b, out, out_px, nch);
+      case 3: interior_run<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 5: interior_run<in_t, out_t, kFull, 5>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      case 7: interior_run<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch); break;
+      default: interior_run<in_t, out_t, kFull, 0>(j, rows, c0, in_px, w, bias, lo, hi, out, out_px, nch);
     }
   } else {
-    checked(lo, hi);
+    for (ow = lo; ow < hi; ++ow)
+      pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
   }
-  checked(hi, ow_end);
+  for (ow = hi; ow + kBlockW <= j.Wo; ow += kBlockW)
+    pixel_block<in_t, out_t, kBlockW, true, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
+  for (; ow < j.Wo; ++ow)
+    pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
 }
 
-// One output row over `blocks` channel vectors (+ a tail of nch_tail channels), in column
-// tiles of j.tile_w pixels with the channel vectors inside: a tile's input pixels (all
-// channels, kh rows) are sized to stay in L1 while every channel vector uses them, and are
-// read as contiguous runs. The input rows that the next output row reads first (`ahead`,
-// null-terminated, NHWC only) are prefetched into L2 tile by tile: when the input does not fit
-// in cache, each row's first use otherwise stalls every channel vector on memory latency.
+// One output row over `blocks` channel vectors (+ a tail of nch_tail channels), each vector
+// along the whole row. (Column tiles sized for L1, with the channel vectors inside, measured
+// slower at 2 threads than whole rows: 0.87-0.92 vs 1.13-1.17 of oneDNN on 144@56 channels_last,
+// 1.02 vs 1.21 on d4-256@64; a long strided run per vector seems to suit the prefetchers.) The
+// input rows that the next output row reads first (`ahead`, null-terminated, NHWC only) are
+// prefetched into L2: when the input does not fit in cache, each row's first use otherwise
+// stalls every channel vector on memory latency.
 template <typename in_t, typename out_t>
 __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const in_t* const* rows,
                                                     int64_t in_px, int64_t blocks, int nch_tail,
                                                     out_t* out, int64_t out_px,
                                                     const in_t* const* ahead = nullptr) {
   const int64_t taps = j.kh * j.kw;
-  for (int64_t t0 = 0; t0 < j.Wo; t0 += j.tile_w) {
-    const int64_t t1 = std::min(j.Wo, t0 + j.tile_w);
-    if (ahead != nullptr) {
-      const int64_t iw0 = std::max<int64_t>(0, t0 * j.sw - j.pw);
-      const int64_t iw1 = std::min<int64_t>(j.W, (t1 - 1) * j.sw - j.pw + (j.kw - 1) * j.dw + 1);
-      for (const in_t* const* a = ahead; *a != nullptr; ++a) {
-        const char* first = reinterpret_cast<const char*>(*a + iw0 * in_px);
-        const char* last = reinterpret_cast<const char*>(*a + iw1 * in_px);
-        for (const char* c = first; c < last; c += 64) __builtin_prefetch(c, 0, 2);
-      }
+  if (ahead != nullptr) {
+    for (const in_t* const* a = ahead; *a != nullptr; ++a) {
+      const char* first = reinterpret_cast<const char*>(*a);
+      const char* last = reinterpret_cast<const char*>(*a + j.W * in_px);
+      for (const char* c = first; c < last; c += 64) __builtin_prefetch(c, 0, 2);
     }
-    for (int64_t cb = 0; cb < blocks; ++cb) {
-      const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
-      conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
-                                         b, t0, t1, out + cb * kLanes, out_px, kLanes);
-    }
-    if (nch_tail) {
-      const V b = j.bias ? vload(j.bias + blocks * kLanes) : vset1(0.f);
-      conv_row_vector<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
-                                          j.w + blocks * taps * kLanes, b, t0, t1,
-                                          out + blocks * kLanes, out_px, nch_tail);
-    }
+  }
+  for (int64_t cb = 0; cb < blocks; ++cb) {
+    const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
+    conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes, b,
+                                       out + cb * kLanes, out_px, kLanes);
+  }
+  if (nch_tail) {
+    const V b = j.bias ? vload(j.bias + blocks * kLanes) : vset1(0.f);
+    conv_row_vector<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
+                                        j.w + blocks * taps * kLanes, b, out + blocks * kLanes,
+                                        out_px, nch_tail);
   }
 }
 
@@ -406,7 +406,6 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
       out_planes[l] = y + (n * j.OC + oc0 + l) * j.Ho * j.Wo;
     }
     DwForwardJob jb = j;  // this block's weights and bias, whole rows
-    jb.tile_w = j.Wo;
     jb.w = j.w + cb * j.kh * j.kw * kLanes;
     jb.bias = j.bias ? j.bias + oc0 : nullptr;
     const int64_t oh0 = strip * j.strip_rows, oh1 = std::min(j.Ho, oh0 + j.strip_rows);
