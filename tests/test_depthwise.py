@@ -152,6 +152,10 @@ def _forward_cases():
              padding=(0, 6), batch=2, bias=True, dtype=bf16, size=(12, 40)),
         dict(channels=9, multiplier=1, kernel=(5, 1), stride=(3, 1), dilation=(2, 1),
              padding=(4, 0), batch=2, bias=False, dtype=f32, size=(30, 9)),
+        # stride 2, interior of 6 pixels: too narrow for the wide blocks, so the held-weight 3x3
+        # blocks run, the last one shifted
+        dict(channels=19, multiplier=1, kernel=(3, 3), stride=(2, 2), dilation=(1, 1),
+             padding=1, batch=2, bias=True, dtype=f32, size=(13, 14)),
         # dilated stride-1 rows slide in runs of one block per phase (the last run shifted)
         dict(channels=37, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(4, 4),
              padding=4, batch=2, bias=True, dtype=f32, size=(21, 45)),

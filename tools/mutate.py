@@ -385,6 +385,8 @@ MUTANTS += [
     Mutant("dwf-sliding-dilated-check-ignores-dilation", DWF,
            "if (kChecked && (ic0 + q * dw < 0 || ic0 + q * dw >= j.W)) continue;",
            "if (kChecked && (ic0 + q < 0 || ic0 + q >= j.W)) continue;", DWF_TESTS),
+    Mutant("dwf-wide-interior-last-block-not-shifted", DWF,
+           "std::min(next, hi - kR), out, out_px, nch);", "next, out, out_px, nch);", DWF_TESTS),
     Mutant("dwf-weights-packed-flipped", "csrc/cpu/depthwise_conv2d.cpp",
            "wp[((oc / lanes) * taps + t) * lanes + oc % lanes]",
            "wp[((oc / lanes) * taps + (taps - 1 - t)) * lanes + oc % lanes]", DWF_TESTS),
