@@ -97,9 +97,10 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
 // window's R + KW - 1 columns per input row is loaded once and feeds every (pixel, tap) pair that
 // reads it: a 3x3 block of 4 pixels does 6 loads per row instead of 12, and the loads walk one
 // pointer (per-tap address registers spilled in the profile). With dilation the block's pixels
-// are dw apart (one phase of the row), which is what makes their windows overlap. kChecked blocks touch the border: columns outside the image are
-// skipped, issuing no FMA, exactly as pixel_single skips those taps, so borders run at the
-// interior's speed and every path sums the same taps in the same order.
+// are dw apart (one phase of the row), which is what makes their windows overlap. kChecked
+// blocks touch the border: columns outside the image are skipped, issuing no FMA, exactly as
+// pixel_single skips those taps, so borders run at the interior's speed and every path sums the
+// same taps in the same order.
 template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked>
 __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
                                                          const in_t* const* rows, int64_t c0,
