@@ -67,93 +67,27 @@ struct DwForwardIsa {
 
 #ifdef CONVOPS_DW_FORWARD_X86
 
-// GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v4")
-namespace dw_avx512 {
-using V = __m512;
-constexpr int kLanes = 16;
-constexpr int kBlockW = 8, kVecRegs = 32;
-constexpr const char* kIsaName = "avx512";
-#define DWF_HAS_TRANSPOSE8 1
-inline V vset1(float x) { return _mm512_set1_ps(x); }
-inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-inline V vload(const float* p) { return _mm512_loadu_ps(p); }
-inline V vload(const c10::BFloat16* p) {
-  return _mm512_castsi512_ps(
-      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline void vstore(c10::BFloat16* p, V v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
-}
-#include "cpu/depthwise_forward_x86_8.h"
-#include "cpu/depthwise_forward_kernels.h"
-#undef DWF_HAS_TRANSPOSE8
-}  // namespace dw_avx512
-#pragma GCC pop_options
-#pragma GCC diagnostic pop
-
-#pragma GCC push_options
-#pragma GCC target("arch=x86-64-v3")
-namespace dw_avx2 {
-using V = __m256;
-constexpr int kLanes = 8;
-constexpr int kBlockW = 4, kVecRegs = 16;
-constexpr const char* kIsaName = "avx2";
-#define DWF_HAS_TRANSPOSE8 1
-#include "cpu/depthwise_forward_x86_8.h"
-inline V vset1(float x) { return _mm256_set1_ps(x); }
-inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-inline V vload(const float* p) { return _mm256_loadu_ps(p); }
-inline V vload(const c10::BFloat16* p) { return load8(p); }
-inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
-inline void vstore(c10::BFloat16* p, V v) { store8(p, v); }
-#include "cpu/depthwise_forward_kernels.h"
-#undef DWF_HAS_TRANSPOSE8
-}  // namespace dw_avx2
-#pragma GCC pop_options
-
-// x86-64 baseline (SSE2): no FMA, bf16 rounded through c10 on store.
-namespace dw_sse2 {
-using V = __m128;
-constexpr int kLanes = 4;
-constexpr int kBlockW = 4, kVecRegs = 16;
-constexpr const char* kIsaName = "baseline";
-#define DWF_HAS_TRANSPOSE8 0
-inline V vset1(float x) { return _mm_set1_ps(x); }
-inline V vfma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
-inline V vload(const float* p) { return _mm_loadu_ps(p); }
-inline V vload(const c10::BFloat16* p) {
-  return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i*)p)));
-}
-inline void vstore(float* p, V v) { _mm_storeu_ps(p, v); }
-inline void vstore(c10::BFloat16* p, V v) {
-  alignas(16) float t[4];
-  _mm_store_ps(t, v);
-  for (int i = 0; i < 4; ++i) p[i] = c10::BFloat16(t[i]);
-}
-#include "cpu/depthwise_forward_kernels.h"
-#undef DWF_HAS_TRANSPOSE8
-}  // namespace dw_sse2
+// One build of cpu/depthwise_forward_kernels.h per ISA, each in its own translation unit
+// (depthwise_forward_{avx512,avx2,baseline}.cpp): they are the slowest files of the build to
+// compile, and apart they compile in parallel.
+#ifndef CONVOPS_DW_FORWARD_NO_AVX512  // defined by sanitized builds on machines without it
+namespace dw_avx512 { extern const DwForwardIsa kIsa; }
+#endif
+namespace dw_avx2 { extern const DwForwardIsa kIsa; }
+namespace dw_sse2 { extern const DwForwardIsa kIsa; }
 
 // The build this CPU runs: the widest it has, unless CONVOPS_CPU_ISA asks for a narrower one.
 inline const DwForwardIsa* depthwise_forward_isa() {
-  static const bool has_avx512 = __builtin_cpu_supports("avx512f") &&
-                                 __builtin_cpu_supports("avx512bw") &&
-                                 __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512dq");
+  [[maybe_unused]] static const bool has_avx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-  const bool want_avx2 = env_is("CONVOPS_CPU_ISA", "avx2");
+  [[maybe_unused]] const bool want_avx2 = env_is("CONVOPS_CPU_ISA", "avx2");
   const bool want_base = env_is("CONVOPS_CPU_ISA", "baseline");
+#ifndef CONVOPS_DW_FORWARD_NO_AVX512
   if (has_avx512 && !want_avx2 && !want_base) return &dw_avx512::kIsa;
+#endif
   if (has_avx2 && !want_base) return &dw_avx2::kIsa;
   return &dw_sse2::kIsa;
 }

@@ -1,6 +1,6 @@
 // The depthwise forward micro-kernels, written once over a small vector vocabulary and compiled
-// once per ISA: cpu/depthwise_forward.h includes this header (no include guard on purpose)
-// inside a `#pragma GCC target` region, in a namespace that already defines
+// once per ISA: each cpu/depthwise_forward_<isa>.cpp includes this header (no include guard on
+// purpose) inside a `#pragma GCC target` region, in a namespace that already defines
 //   V, kLanes          the float vector type and its lane count
 //   vload/vstore       for float and c10::BFloat16 (bf16 is widened / rounded in registers)
 //   vfma(a, b, c)      a * b + c;  vset1(x)
@@ -441,6 +441,6 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
   }
 }
 
-static const DwForwardIsa kIsa{kIsaName,           kLanes,
-                               nhwc_rows<float>,   nhwc_rows<c10::BFloat16>,
-                               nchw_tasks<float>,  nchw_tasks<c10::BFloat16>};
+const DwForwardIsa kIsa{kIsaName,          kLanes,
+                        nhwc_rows<float>,  nhwc_rows<c10::BFloat16>,
+                        nchw_tasks<float>, nchw_tasks<c10::BFloat16>};

@@ -1,0 +1,44 @@
+// The CPU depthwise forward of cpu/depthwise_forward.h compiled for
+// AVX-512 (x86-64-v4: 16 float lanes, 32 vector registers).
+#include "cpu/depthwise_forward.h"
+
+#if defined(CONVOPS_DW_FORWARD_X86) && !defined(CONVOPS_DW_FORWARD_NO_AVX512)
+namespace convops {
+namespace cpu {
+
+// GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace dw_avx512 {
+using V = __m512;
+constexpr int kLanes = 16;
+constexpr int kBlockW = 8, kVecRegs = 32;
+constexpr const char* kIsaName = "avx512";
+#define DWF_HAS_TRANSPOSE8 1
+inline V vset1(float x) { return _mm512_set1_ps(x); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void vstore(c10::BFloat16* p, V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
+}
+#include "cpu/depthwise_forward_x86_8.h"
+#include "cpu/depthwise_forward_kernels.h"
+#undef DWF_HAS_TRANSPOSE8
+}  // namespace dw_avx512
+#pragma GCC pop_options
+#pragma GCC diagnostic pop
+
+}  // namespace cpu
+}  // namespace convops
+#endif  // CONVOPS_DW_FORWARD_X86
