@@ -199,12 +199,45 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
     out = convops.depthwise_conv2d(x, w, b, *args)
     cl = case["channels_last"]
     # NHWC with a channel multiplier stays on the generic kernels
-    expected = "generic" if cl and case["multiplier"] > 1 else ("nhwc/" if cl else "nchw/") + isa
+    expected = "generic" if cl and case["multiplier"] > 1 else _vector_layout(case) + "/" + isa
     assert _last_forward_path() == expected
     ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
     assert_close(out, ref, case["dtype"], f"forward, {isa}, seed {stable_seed(case)}")
     if cl:
         assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+def _vector_layout(case):
+    """The vectorized forward's layout path: NHWC runs on the row ring for bf16 and for
+    stride-1 filters spanning 7 or more input rows (cpu/depthwise_conv2d.cpp), else in place."""
+    if not case["channels_last"]:
+        return "nchw"
+    span = (case["kernel"][0] - 1) * case["dilation"][0] + 1
+    ring = case["dtype"] == torch.bfloat16 or (case["stride"][0] == 1 and span >= 7)
+    return "nhwc-ring" if ring else "nhwc"
+
+
+NHWC_CASES = [c for c in FORWARD_CASES if c["channels_last"] and c["multiplier"] == 1]
+
+
+@pytest.mark.parametrize("variant", ["ring", "inplace"])
+@pytest.mark.parametrize("case", NHWC_CASES, ids=lambda c: (
+    f"C{c['channels']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}-p{c['padding']}-"
+    f"{c['size']}-{str(c['dtype'])[6:]}").replace(" ", ""))
+def test_vectorized_forward_nhwc_variants(case, variant, monkeypatch):
+    """Both NHWC paths (the row ring and the in-place rows) on every NHWC case, whichever the
+    rule picks, on the widest ISA this CPU runs."""
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", variant)
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    path = _last_forward_path()
+    if path == "generic":
+        pytest.skip("no vectorized CPU forward on this machine")
+    assert path.split("/")[0] == ("nhwc-ring" if variant == "ring" else "nhwc")
+    ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
+    assert_close(out, ref, case["dtype"], f"forward, nhwc {variant}, seed {stable_seed(case)}")
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -224,7 +257,8 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
         for t in (1, 3):
             torch.set_num_threads(t)
             outs.append(convops.depthwise_conv2d(x, w, b, 1, 1))
-            assert _last_forward_path().split("/")[0] == ("nhwc" if channels_last else "nchw")
+            assert _last_forward_path().split("/")[0] == (
+                ("nhwc-ring" if dtype == torch.bfloat16 else "nhwc") if channels_last else "nchw")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]), "the forward depends on the thread count"

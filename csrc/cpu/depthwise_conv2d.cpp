@@ -415,8 +415,21 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       j.lo[kx] = r.first, j.hi[kx] = r.last;
       j.inner_lo = std::max(j.inner_lo, r.first), j.inner_hi = std::min(j.inner_hi, r.last);
     }
+    bool ring = false;
     if (cl) {
-      const DwTaskFn fn = kF32 ? isa->nhwc_f32 : isa->nhwc_bf16;
+      // The row ring (cpu/depthwise_forward.h) where its one extra pass over each input row
+      // pays: bf16 (widened once per row instead of once per use), and stride-1 filters
+      // spanning 7 or more rows (each input row reused by that many output rows). Measured at 1
+      // and 2 threads against the in-place rows: 128@56 k31 1.0 -> 1.4-1.7x oneDNN, d4-256@64
+      // 0.9-1.1 -> 1.3-1.6x, bf16 144@56 1.84 -> 1.55 ms; 3x3 and 5x5 filters tie, stride 2
+      // loses (0.94-1.02 -> 0.77-0.94x). CONVOPS_CPU_NHWC=ring|inplace forces one.
+      const int64_t span = (g.kh - 1) * g.dh + 1;
+      ring = (kBF16 || (g.sh == 1 && span >= 7)) &&
+             span * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
+      if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
+      if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;
+      const DwTaskFn fn = ring ? (kF32 ? isa->nhwc_ring_f32 : isa->nhwc_ring_bf16)
+                               : (kF32 ? isa->nhwc_f32 : isa->nhwc_bf16);
       at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     } else {
       // Strips of output rows give every thread several tasks even at batch 1 with few
@@ -430,7 +443,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       at::parallel_for(0, tasks * j.strips, 1,
                        [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     }
-    last_forward_path = std::string(cl ? "nhwc/" : "nchw/") + isa->name;
+    last_forward_path = std::string(cl ? (ring ? "nhwc-ring/" : "nhwc/") : "nchw/") + isa->name;
     return true;
   }
 }

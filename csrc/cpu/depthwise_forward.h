@@ -11,6 +11,14 @@
 // bf16 is loaded and widened in registers, accumulated in float32 and rounded (to nearest even,
 // as c10) straight into the output.
 //
+// NHWC row ring (bf16, and stride-1 filters spanning 7+ rows; the rule and its measurements are
+// in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once into a per-thread
+// ring of (kh-1)*dh+1 rows laid out [channel block][W][kLanes] floats, and each channel block's
+// row kernel runs on its own contiguous sub-rows. Bytes: one extra write and read of 4*W*C per
+// input row, to a ring of at most kDwRingBudgetBytes (about L2-sized for the suite's layers,
+// 0.6-0.9 MB at 31x31 and d4), against kh*kw strided reads of every input vector in place; for
+// bf16 it also widens each input once instead of once per tap.
+//
 // NCHW (any multiplier): to fill lanes on small maps (14x14, 7x7) the same kernel runs over a
 // block of kLanes output channels. Each task transposes the rows of its kLanes input planes
 // into a ring of (kh-1)*dh+1 rows of [W][kLanes] floats (4*kLanes bytes per input pixel of the
@@ -45,6 +53,7 @@ namespace cpu {
 
 constexpr int64_t kDwMaxK = 64;  // larger kernels take the generic path
 constexpr int kDwRingSlot = 4, kDwRowSlot = 5, kDwWeightSlot = 6, kDwBiasSlot = 7;
+constexpr int64_t kDwRingBudgetBytes = int64_t(4) << 20;  // per-thread NHWC row ring, at most
 
 struct DwForwardJob {
   const void* x;
@@ -62,7 +71,7 @@ using DwTaskFn = void (*)(const DwForwardJob&, int64_t, int64_t);
 struct DwForwardIsa {
   const char* name;
   int lanes;
-  DwTaskFn nhwc_f32, nhwc_bf16, nchw_f32, nchw_bf16;
+  DwTaskFn nhwc_f32, nhwc_bf16, nhwc_ring_f32, nhwc_ring_bf16, nchw_f32, nchw_bf16;
 };
 
 #ifdef CONVOPS_DW_FORWARD_X86

@@ -196,9 +196,15 @@ __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
   // stride-2 rows than the held-weight blocks below, whose 9 weights leave room for kBlockW only.
   constexpr int kR = std::min(2 * kBlockW, kVecRegs - 4);
   if (hi - lo >= kR) {
-    for (int64_t next = lo; next < hi; next += kR)
-      pixel_block<in_t, out_t, kR, false, kFull, KW>(j, rows, c0, in_px, w, bias,
-                                                     std::min(next, hi - kR), out, out_px, nch);
+    int64_t ow = lo;
+    for (; hi - ow >= kR; ow += kR)
+      pixel_block<in_t, out_t, kR, false, kFull, KW>(j, rows, c0, in_px, w, bias, ow, out,
+                                                     out_px, nch);
+    // the rest in narrow blocks, the last shifted left (27 pixels: 8+8+8+4, 1 recomputed)
+    for (; ow < hi; ow += kBlockW)
+      pixel_block<in_t, out_t, kBlockW, false, kFull, KW>(j, rows, c0, in_px, w, bias,
+                                                          std::min(ow, hi - kBlockW), out,
+                                                          out_px, nch);
     return;
   }
   if (KW == 3 && j.kh == 3 && rows[0] && rows[1] && rows[2]) {
@@ -283,6 +289,11 @@ __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j
     pixel_single<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
 }
 
+// The bias vector of channel block cb (zero past OC, or no bias).
+inline V block_bias(const DwForwardJob& j, int64_t cb) {
+  return j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
+}
+
 // One output row over `blocks` channel vectors (+ a tail of nch_tail channels), each vector
 // along the whole row. (Column tiles sized for L1, with the channel vectors inside, measured
 // slower at 2 threads than whole rows: 0.87-0.92 vs 1.13-1.17 of oneDNN on 144@56 channels_last,
@@ -304,15 +315,13 @@ __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const
     }
   }
   for (int64_t cb = 0; cb < blocks; ++cb) {
-    const V b = j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
-    conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes, b,
-                                       out + cb * kLanes, out_px, kLanes);
+    conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
+                                       block_bias(j, cb), out + cb * kLanes, out_px, kLanes);
   }
   if (nch_tail) {
-    const V b = j.bias ? vload(j.bias + blocks * kLanes) : vset1(0.f);
     conv_row_vector<in_t, out_t, false>(j, rows, blocks * kLanes, in_px,
-                                        j.w + blocks * taps * kLanes, b, out + blocks * kLanes,
-                                        out_px, nch_tail);
+                                        j.w + blocks * taps * kLanes, block_bias(j, blocks),
+                                        out + blocks * kLanes, out_px, nch_tail);
   }
 }
 
@@ -339,6 +348,60 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
     ahead[na] = nullptr;
     conv_row<T, T>(j, rows, j.C, j.C / kLanes, static_cast<int>(j.C % kLanes),
                    y + (n * j.Ho + oh) * j.Wo * j.OC, j.OC, ahead);
+  }
+}
+
+// NHWC through a ring of input rows reordered per channel block: one task per output row (n, oh)
+// as above, but each input row the thread needs is first copied once into a ring of span =
+// (kh-1)*dh+1 rows of [channel block][W][kLanes] floats (bf16 widened on the way), and every
+// channel block's row kernel then runs on its own contiguous [W][kLanes] sub-rows.
+template <typename T>
+void nhwc_ring_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(j.x);
+  T* y = static_cast<T*>(j.y);
+  const int64_t span = (j.kh - 1) * j.dh + 1, full = j.C / kLanes;
+  const int tail = static_cast<int>(j.C % kLanes);
+  const int64_t blocks = full + (tail ? 1 : 0), sub_row = j.W * kLanes;
+  const int64_t ring_row = blocks * sub_row;
+  float* ring = scratch<float>(kDwRingSlot, span * ring_row);
+  int64_t* held = scratch<int64_t>(kDwRingSlot, span);  // the input row (n * H + ih) per slot
+  std::fill(held, held + span, int64_t(-1));
+  const float* slot_rows[kDwMaxK];
+  const float* rows[kDwMaxK];
+  const int64_t taps = j.kh * j.kw;
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t n = p / j.Ho, oh = p % j.Ho;
+    for (int64_t ky = 0; ky < j.kh; ++ky) {
+      const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
+      if (ih < 0 || ih >= j.H) {
+        slot_rows[ky] = nullptr;
+        continue;
+      }
+      float* dst = ring + (ih % span) * ring_row;
+      const int64_t key = n * j.H + ih;  // rows of different images share slots
+      if (held[ih % span] != key) {
+        held[ih % span] = key;
+        const T* src = x + (n * j.H + ih) * j.W * j.C;
+        for (int64_t iw = 0; iw < j.W; ++iw, src += j.C) {
+          for (int64_t cb = 0; cb < full; ++cb)
+            vstore(dst + cb * sub_row + iw * kLanes, vload(src + cb * kLanes));
+          if (tail)
+            vstore(dst + full * sub_row + iw * kLanes, vload_part(src + full * kLanes, tail));
+        }
+      }
+      slot_rows[ky] = dst;
+    }
+    T* out = y + (n * j.Ho + oh) * j.Wo * j.OC;
+    for (int64_t cb = 0; cb < blocks; ++cb) {
+      for (int64_t ky = 0; ky < j.kh; ++ky)
+        rows[ky] = slot_rows[ky] ? slot_rows[ky] + cb * sub_row : nullptr;
+      if (cb < full)
+        conv_row_vector<float, T, true>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
+                                        block_bias(j, cb), out + cb * kLanes, j.OC, kLanes);
+      else
+        conv_row_vector<float, T, false>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
+                                         block_bias(j, cb), out + cb * kLanes, j.OC, tail);
+    }
   }
 }
 
@@ -441,6 +504,11 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
   }
 }
 
-const DwForwardIsa kIsa{kIsaName,          kLanes,
-                        nhwc_rows<float>,  nhwc_rows<c10::BFloat16>,
-                        nchw_tasks<float>, nchw_tasks<c10::BFloat16>};
+const DwForwardIsa kIsa{kIsaName,
+                        kLanes,
+                        nhwc_rows<float>,
+                        nhwc_rows<c10::BFloat16>,
+                        nhwc_ring_rows<float>,
+                        nhwc_ring_rows<c10::BFloat16>,
+                        nchw_tasks<float>,
+                        nchw_tasks<c10::BFloat16>};
