@@ -266,6 +266,31 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
     assert_close(outs[0], ref, dtype, "forward, seed 1414")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nhwc_ring_dilated_rows_in_phase_order_any_thread_count(dtype, monkeypatch):
+    """The NHWC ring walks dilated rows in phase order within each image of a task's range;
+    with 2 and 3 threads the ranges start and end inside images (3 images of 29 rows)."""
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", "ring")
+    g = torch.Generator().manual_seed(1415)
+    x = torch.randn(3, 21, 29, 23, generator=g).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(21, 1, 3, 3, generator=g).to(dtype)
+    b = torch.randn(21, generator=g).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            outs.append(convops.depthwise_conv2d(x, w, b, 1, 3, 3))
+            if _last_forward_path() == "generic":
+                pytest.skip("no vectorized CPU forward on this machine")
+            assert _last_forward_path().startswith("nhwc-ring/")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    ref = reference(x.double(), w.double(), b.double(), 1, 3, 3)
+    assert_close(outs[0], ref, dtype, "forward, nhwc ring, dilation 3, seed 1415")
+
+
 def test_generic_forward_knob():
     x = torch.randn(1, 8, 9, 9)
     w = torch.randn(8, 1, 3, 3)

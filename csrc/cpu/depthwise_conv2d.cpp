@@ -425,7 +425,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       // loses (0.94-1.02 -> 0.77-0.94x). CONVOPS_CPU_NHWC=ring|inplace forces one.
       const int64_t span = (g.kh - 1) * g.dh + 1;
       ring = (kBF16 || (g.sh == 1 && span >= 7)) &&
-             span * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
+             g.kh * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
       if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;
       const DwTaskFn fn = ring ? (kF32 ? isa->nhwc_ring_f32 : isa->nhwc_ring_bf16)

@@ -12,12 +12,13 @@
 // as c10) straight into the output.
 //
 // NHWC row ring (bf16, and stride-1 filters spanning 7+ rows; the rule and its measurements are
-// in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once into a per-thread
-// ring of (kh-1)*dh+1 rows laid out [channel block][W][kLanes] floats, and each channel block's
-// row kernel runs on its own contiguous sub-rows. Bytes: one extra write and read of 4*W*C per
-// input row, to a ring of at most kDwRingBudgetBytes (about L2-sized for the suite's layers,
-// 0.6-0.9 MB at 31x31 and d4), against kh*kw strided reads of every input vector in place; for
-// bf16 it also widens each input once instead of once per tap.
+// in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation
+// phase) into a per-thread ring of kh rows laid out [channel block][W][kLanes] floats, and each
+// channel block's row kernel runs on its own contiguous sub-rows. Bytes: one extra write and read
+// of 4*W*C per input row, to a ring of at most kDwRingBudgetBytes (about L2-sized for the suite's
+// layers: 192 KB at d4-256@64, 0.9 MB at 31x31), against kh*kw strided reads of every input
+// vector in place (at a 4 KB stride, L1-set aliasing, for d4 with 256 channels); for bf16 it
+// also widens each input once instead of once per tap.
 //
 // NCHW (any multiplier): to fill lanes on small maps (14x14, 7x7) the same kernel runs over a
 // block of kLanes output channels. Each task transposes the rows of its kLanes input planes

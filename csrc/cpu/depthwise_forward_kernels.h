@@ -160,9 +160,17 @@ __attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
                                                        const in_t* const* rows, int64_t c0,
                                                        int64_t in_px, const float* w, V bias,
                                                        out_t* out, int64_t out_px, int nch) {
+  constexpr int kWide = std::max(kBlockW, std::min(2 * kBlockW, kVecRegs - KW - 2));
   if (j.dw > 1) {
+    // wide runs first (kBlockW accumulators alone leave the FMA pipes waiting on latency:
+    // d4-256@64 at batch 1 ran at 0.74x oneDNN), then narrow ones, the last shifted left
+    int64_t next = 0;
+    for (const int64_t wide_span = kWide * j.dw; j.Wo - next >= wide_span; next += wide_span)
+      for (int64_t phase = 0; phase < j.dw; ++phase)
+        sliding_block_at<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias,
+                                                        next + phase, out, out_px, nch);
     const int64_t span = kBlockW * j.dw;
-    for (int64_t next = 0; next < j.Wo; next += span) {
+    for (; next < j.Wo; next += span) {
       const int64_t ow0 = std::min(next, j.Wo - span);
       for (int64_t phase = 0; phase < j.dw; ++phase)
         sliding_block_at<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias,
@@ -170,7 +178,6 @@ __attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
     }
     return;
   }
-  constexpr int kWide = std::max(kBlockW, std::min(2 * kBlockW, kVecRegs - KW - 2));
   int64_t ow = 0;
   for (; j.Wo - ow >= kWide; ow += kWide)
     sliding_block_at<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias, ow, out, out_px, nch);
@@ -352,56 +359,67 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
 }
 
 // NHWC through a ring of input rows reordered per channel block: one task per output row (n, oh)
-// as above, but each input row the thread needs is first copied once into a ring of span =
-// (kh-1)*dh+1 rows of [channel block][W][kLanes] floats (bf16 widened on the way), and every
-// channel block's row kernel then runs on its own contiguous [W][kLanes] sub-rows.
+// as above, but each input row the thread needs is first copied into a ring of kh rows of
+// [channel block][W][kLanes] floats (bf16 widened on the way), and every channel block's row
+// kernel then runs on its own contiguous [W][kLanes] sub-rows. Input row ih lives in slot
+// (ih / dh) % kh, distinct for the kh taps of one output row. Dilated stride-1 rows run in
+// phase order (oh mod dh) within each image, so consecutive rows share all but one input row and
+// each input row is copied once per phase run: a ring of kh rows, not (kh-1)*dh+1 (d4-256@64:
+// 192 KB, inside L2, instead of 576 KB).
 template <typename T>
 void nhwc_ring_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(j.x);
   T* y = static_cast<T*>(j.y);
-  const int64_t span = (j.kh - 1) * j.dh + 1, full = j.C / kLanes;
+  const int64_t full = j.C / kLanes;
   const int tail = static_cast<int>(j.C % kLanes);
   const int64_t blocks = full + (tail ? 1 : 0), sub_row = j.W * kLanes;
   const int64_t ring_row = blocks * sub_row;
-  float* ring = scratch<float>(kDwRingSlot, span * ring_row);
-  int64_t* held = scratch<int64_t>(kDwRingSlot, span);  // the input row (n * H + ih) per slot
-  std::fill(held, held + span, int64_t(-1));
+  float* ring = scratch<float>(kDwRingSlot, j.kh * ring_row);
+  int64_t* held = scratch<int64_t>(kDwRingSlot, j.kh);  // the input row (n * H + ih) per slot
+  std::fill(held, held + j.kh, int64_t(-1));
+  const int64_t taps = j.kh * j.kw, phases = j.sh == 1 ? j.dh : 1;
   const float* slot_rows[kDwMaxK];
   const float* rows[kDwMaxK];
-  const int64_t taps = j.kh * j.kw;
-  for (int64_t p = begin; p < end; ++p) {
-    const int64_t n = p / j.Ho, oh = p % j.Ho;
-    for (int64_t ky = 0; ky < j.kh; ++ky) {
-      const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
-      if (ih < 0 || ih >= j.H) {
-        slot_rows[ky] = nullptr;
-        continue;
-      }
-      float* dst = ring + (ih % span) * ring_row;
-      const int64_t key = n * j.H + ih;  // rows of different images share slots
-      if (held[ih % span] != key) {
-        held[ih % span] = key;
-        const T* src = x + (n * j.H + ih) * j.W * j.C;
-        for (int64_t iw = 0; iw < j.W; ++iw, src += j.C) {
-          for (int64_t cb = 0; cb < full; ++cb)
-            vstore(dst + cb * sub_row + iw * kLanes, vload(src + cb * kLanes));
-          if (tail)
-            vstore(dst + full * sub_row + iw * kLanes, vload_part(src + full * kLanes, tail));
+  for (int64_t p0 = begin; p0 < end;) {
+    const int64_t n = p0 / j.Ho, oh_a = p0 % j.Ho;
+    const int64_t p1 = std::min(end, (n + 1) * j.Ho);  // this image's rows of the task range
+    for (int64_t phase = 0; phase < phases; ++phase) {
+      for (int64_t oh = oh_a + phase; oh < oh_a + (p1 - p0); oh += phases) {
+        for (int64_t ky = 0; ky < j.kh; ++ky) {
+          const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
+          if (ih < 0 || ih >= j.H) {
+            slot_rows[ky] = nullptr;
+            continue;
+          }
+          const int64_t slot = (ih / j.dh) % j.kh;
+          float* dst = ring + slot * ring_row;
+          const int64_t key = n * j.H + ih;  // rows of different images share slots
+          if (held[slot] != key) {
+            held[slot] = key;
+            const T* src = x + key * j.W * j.C;
+            for (int64_t iw = 0; iw < j.W; ++iw, src += j.C) {
+              for (int64_t cb = 0; cb < full; ++cb)
+                vstore(dst + cb * sub_row + iw * kLanes, vload(src + cb * kLanes));
+              if (tail)
+                vstore(dst + full * sub_row + iw * kLanes, vload_part(src + full * kLanes, tail));
+            }
+          }
+          slot_rows[ky] = dst;
+        }
+        T* out = y + (n * j.Ho + oh) * j.Wo * j.OC;
+        for (int64_t cb = 0; cb < blocks; ++cb) {
+          for (int64_t ky = 0; ky < j.kh; ++ky)
+            rows[ky] = slot_rows[ky] ? slot_rows[ky] + cb * sub_row : nullptr;
+          if (cb < full)
+            conv_row_vector<float, T, true>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
+                                            block_bias(j, cb), out + cb * kLanes, j.OC, kLanes);
+          else
+            conv_row_vector<float, T, false>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
+                                             block_bias(j, cb), out + cb * kLanes, j.OC, tail);
         }
       }
-      slot_rows[ky] = dst;
     }
-    T* out = y + (n * j.Ho + oh) * j.Wo * j.OC;
-    for (int64_t cb = 0; cb < blocks; ++cb) {
-      for (int64_t ky = 0; ky < j.kh; ++ky)
-        rows[ky] = slot_rows[ky] ? slot_rows[ky] + cb * sub_row : nullptr;
-      if (cb < full)
-        conv_row_vector<float, T, true>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
-                                        block_bias(j, cb), out + cb * kLanes, j.OC, kLanes);
-      else
-        conv_row_vector<float, T, false>(j, rows, 0, kLanes, j.w + cb * taps * kLanes,
-                                         block_bias(j, cb), out + cb * kLanes, j.OC, tail);
-    }
+    p0 = p1;
   }
 }
 
