@@ -14,6 +14,8 @@ Environment knobs:
   SANITIZE=1              AddressSanitizer + UBSan build of the CPU kernels and the emulator
                           (CPU only; run with libasan preloaded, see .ci/run; the AVX-512
                           depthwise forward is left out where this machine cannot run it)
+  DEV_NO_AVX512=1         the same for an ordinary build: a quicker rebuild while iterating on
+                          the CPU depthwise forward (its costliest file); never for a release
 """
 import glob
 import os
@@ -125,7 +127,7 @@ def build_extensions():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     define_macros = [("CONVOPS_BUILD_PYTHON", None), ("CONVOPS_VERSION", f'"{VERSION}"'),
                      ("CONVOPS_TORCH_VERSION", f'"{torch.__version__}"')]
-    if sanitize and not _cpu_runs_avx512():
+    if (sanitize or _env_flag("DEV_NO_AVX512")) and not _cpu_runs_avx512():
         # The sanitized build checks the kernels this machine runs: an AVX-512 build that it
         # cannot run would only double the build's time (the costliest file under ASan).
         define_macros.append(("CONVOPS_DW_FORWARD_NO_AVX512", None))

@@ -200,7 +200,9 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
     cl = case["channels_last"]
     # NHWC with a channel multiplier stays on the generic kernels
     expected = "generic" if cl and case["multiplier"] > 1 else _vector_layout(case) + "/" + isa
-    assert _last_forward_path() == expected
+    path = _last_forward_path()
+    # in place, some rows take channel vectors in pairs (test_vectorized_forward_nhwc_pairs)
+    assert path == expected or (expected == "nhwc/" + isa and path == "nhwc-pairs/" + isa)
     ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
     assert_close(out, ref, case["dtype"], f"forward, {isa}, seed {stable_seed(case)}")
     if cl:
@@ -234,7 +236,7 @@ def test_vectorized_forward_nhwc_variants(case, variant, monkeypatch):
     path = _last_forward_path()
     if path == "generic":
         pytest.skip("no vectorized CPU forward on this machine")
-    assert path.split("/")[0] == ("nhwc-ring" if variant == "ring" else "nhwc")
+    assert path.split("/")[0] in (("nhwc-ring",) if variant == "ring" else ("nhwc", "nhwc-pairs"))
     ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
     assert_close(out, ref, case["dtype"], f"forward, nhwc {variant}, seed {stable_seed(case)}")
     assert out.is_contiguous(memory_format=torch.channels_last)
@@ -258,12 +260,46 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
             torch.set_num_threads(t)
             outs.append(convops.depthwise_conv2d(x, w, b, 1, 1))
             assert _last_forward_path().split("/")[0] == (
-                ("nhwc-ring" if dtype == torch.bfloat16 else "nhwc") if channels_last else "nchw")
+                ("nhwc-ring" if dtype == torch.bfloat16 else "nhwc-pairs") if channels_last
+                else "nchw")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]), "the forward depends on the thread count"
     ref = reference(x.double(), w.double(), b.double(), 1, 1)
     assert_close(outs[0], ref, dtype, "forward, seed 1414")
+
+
+# NHWC rows in place that take two channel vectors per register block: channel counts of
+# whole pairs, a pair plus a single vector, and a pair plus a tail (on every ISA's lane count),
+# sliding 3x3 rows (dilated ones in phase runs) and strided blocked rows of 3-, 4-, 5- and 7-wide
+# filters, each with borders and a width the blocks do not divide.
+PAIR_CASES = [
+    dict(channels=40, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(9, 29)),
+    dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(2, 2), padding=2, size=(13, 37)),
+    dict(channels=72, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(15, 31)),
+    dict(channels=34, kernel=(5, 5), stride=(2, 2), dilation=(1, 1), padding=2, size=(16, 40)),
+    dict(channels=56, kernel=(7, 7), stride=(3, 2), dilation=(1, 2), padding=(3, 6),
+         size=(20, 64)),
+    dict(channels=32, kernel=(3, 4), stride=(2, 2), dilation=(1, 1), padding=(1, 2),
+         size=(12, 50)),
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: (
+    f"C{c['channels']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}").replace(" ", ""))
+def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
+    _require_isa(isa)
+    monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", "inplace")  # bf16 would take the ring
+    case = dict(case, multiplier=1, batch=2, bias=True, dtype=dtype, channels_last=True)
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    assert _last_forward_path() == "nhwc-pairs/" + isa
+    ref = reference(x.double(), w.double(), b.double(), *args)
+    assert_close(out, ref, dtype, f"forward, nhwc pairs, {isa}, seed {stable_seed(case)}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -327,9 +327,15 @@ MUTANTS = [
 DWF = "csrc/cpu/depthwise_forward_kernels.h"
 DWF_TESTS = ("tests/test_depthwise.py", "-k", "vectorized")
 MUTANTS += [
-    Mutant("dwf-interior-starts-one-column-early", DWF,
+    Mutant("dwf-interior-starts-one-column-early", "csrc/cpu/depthwise_forward.h",
            "const int64_t lo = std::clamp<int64_t>(j.inner_lo, 0, j.Wo);",
            "const int64_t lo = std::clamp<int64_t>(j.inner_lo - 1, 0, j.Wo);", DWF_TESTS),
+    Mutant("dwf-pair-second-vector-reads-first", DWF,
+           "const V v = kFull ? vload(p + h * kLanes) : vload_part(p, nch);",
+           "const V v = kFull ? vload(p) : vload_part(p, nch);", DWF_TESTS),
+    Mutant("dwf-pair-block-weights-of-first-vector", DWF,
+           "const V wv = vload(wk + h * w_step + kx * kLanes);",
+           "const V wv = vload(wk + kx * kLanes);", DWF_TESTS),
     Mutant("dwf-border-pixel-drops-last-tap", DWF,
            "floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1)", "floor_div<int64_t>(j.W - 1 - iw0, j.dw))",
            DWF_TESTS),

@@ -443,7 +443,11 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       at::parallel_for(0, tasks * j.strips, 1,
                        [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     }
-    last_forward_path = std::string(cl ? (ring ? "nhwc-ring/" : "nhwc/") : "nchw/") + isa->name;
+    const bool pairs = cl && !ring &&
+                       dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
+    last_forward_path =
+        std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
+        isa->name;
     return true;
   }
 }

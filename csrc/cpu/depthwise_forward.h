@@ -9,7 +9,9 @@
 // to a block of pixels, only to the pixels in its valid output range [lo[kx], hi[kx]) at the
 // borders. Rows outside the image are skipped. Input rows are read in place: no padded copies.
 // bf16 is loaded and widened in registers, accumulated in float32 and rounded (to nearest even,
-// as c10) straight into the output.
+// as c10) straight into the output. In place, 3x3 stride-1 rows and strided rows of filters up
+// to 7 wide take two channel vectors per register block (dw_rows_in_pairs), so each pixel's
+// channels are read and written as whole cache lines.
 //
 // NHWC row ring (bf16, and stride-1 filters spanning 7+ rows; the rule and its measurements are
 // in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation
@@ -69,9 +71,28 @@ struct DwForwardJob {
 
 using DwTaskFn = void (*)(const DwForwardJob&, int64_t, int64_t);
 
+// Whether the NHWC in-place rows take two channel vectors at a time (at least two full ones):
+// 3x3 stride-1 rows at least slide_w * dw wide, and strided rows of filters up to 7 wide whose
+// interior holds a block of block_w pixels.
+// The output columns [lo, hi) where every tap reads inside the row, clamped to [0, Wo).
+struct DwInterior {
+  int64_t lo, hi;
+};
+inline DwInterior dw_interior(const DwForwardJob& j) {
+  const int64_t lo = std::clamp<int64_t>(j.inner_lo, 0, j.Wo);
+  return {lo, std::clamp(j.inner_hi, lo, j.Wo)};
+}
+
+inline bool dw_rows_in_pairs(const DwForwardJob& j, int lanes, int slide_w, int block_w) {
+  if (j.C / lanes < 2) return false;
+  if (j.sw == 1) return j.kw == 3 && j.Wo >= slide_w * j.dw;
+  const DwInterior in = dw_interior(j);
+  return j.kw <= 7 && in.hi - in.lo >= block_w;
+}
+
 struct DwForwardIsa {
   const char* name;
-  int lanes;
+  int lanes, pair_slide_w, pair_block_w;
   DwTaskFn nhwc_f32, nhwc_bf16, nhwc_ring_f32, nhwc_ring_bf16, nchw_f32, nchw_bf16;
 };
 
