@@ -4,8 +4,12 @@ grad_output, offset, mask) independently NCHW, channels_last, strided or transpo
 counts up to 80 and maps up to 40x40; offsets inside and far outside the image; masks. Empty
 batches are rare (about 2.5% of examples, at most 5%): every other example also compares every
 gradient. float16/bfloat16 are checked element-wise against conftest's bound.
-test_example_mix measures the mix the strategy draws (run with -s to see it)."""
+test_example_mix measures the mix the strategy draws (run with -s to see it).
+test_fuzz_cpu_depthwise_forward fuzzes the vectorized CPU depthwise forward alone (the examples
+above rarely draw a channels_last float32/bfloat16 input with multiplier 1), and
+test_fuzz_reaches_cpu_depthwise_forward_paths checks that it reaches every path."""
 import collections
+import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,7 +17,9 @@ from hypothesis import strategies as st
 
 import torch
 
-from test_realistic import check_conv, check_deform
+import convops
+from conftest import assert_close, stable_seed
+from test_realistic import check_conv, check_deform, relayout
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -115,3 +121,70 @@ def test_example_mix(op, monkeypatch):
     for t in {name for name, _ in layouts}:
         assert {how for (name, how) in layouts if name == t} >= {"nchw", "cl", "strided", "t"}
     assert len({c["dtype"] for c in drawn}) == 4
+
+
+
+@st.composite
+def depthwise_forward_problem(draw):
+    """The CPU depthwise forward's vectorized paths (float32/bfloat16, NCHW any multiplier,
+    NHWC multiplier 1 in place and on the row ring): filters up to 7x7, strides and dilations
+    1-3, padding up to the filter's size, 1-80 channels (vector tails and pairs), maps up to
+    40x48, and which NHWC path runs (the rule's or a forced one)."""
+    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
+    layout = draw(st.sampled_from(["cl", "cl", "nchw", "strided"]))
+    return dict(k=(kh, kw), dilation=(dh, dw), padding=(ph, pw),
+                stride=(draw(st.integers(1, 3)), draw(st.integers(1, 3))),
+                c=draw(st.integers(1, 80)), layout=layout,
+                multiplier=1 if layout == "cl" else draw(st.sampled_from([1, 1, 2, 3])),
+                size=(draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 40)),
+                      draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 48))),
+                batch=draw(st.integers(1, 3)), bias=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
+                nhwc=draw(st.sampled_from(["", "ring", "inplace"])))
+
+
+def check_depthwise_forward(case):
+    """The forward against float64 F.conv2d; returns the CPU forward path that ran."""
+    gen = torch.Generator().manual_seed(stable_seed(case))
+    c, oc = case["c"], case["c"] * case["multiplier"]
+    x = relayout(torch.randn(case["batch"], c, *case["size"], generator=gen).to(case["dtype"]),
+                 case["layout"])
+    w = torch.randn(oc, 1, *case["k"], generator=gen).to(case["dtype"])
+    b = torch.randn(oc, generator=gen).to(case["dtype"]) if case["bias"] else None
+    args = (case["stride"], case["padding"], case["dilation"])
+    old = os.environ.get("CONVOPS_CPU_NHWC")
+    os.environ["CONVOPS_CPU_NHWC"] = case["nhwc"]
+    try:
+        out = convops.depthwise_conv2d(x, w, b, *args)
+    finally:
+        if old is None:
+            del os.environ["CONVOPS_CPU_NHWC"]
+        else:
+            os.environ["CONVOPS_CPU_NHWC"] = old
+    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(),
+                                     *args, groups=c)
+    assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
+    return torch.ops.convops_cpu_debug.depthwise_forward_last_path().split("/")[0]
+
+
+@FUZZ
+@given(depthwise_forward_problem())
+def test_fuzz_cpu_depthwise_forward(case):
+    check_depthwise_forward(case)
+
+
+def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
+    """The forward fuzz examples reach every vectorized CPU forward path: NCHW, and NHWC in
+    place (single channel vectors and pairs) and on the row ring."""
+    import sys
+    paths = collections.Counter()
+    module = sys.modules[__name__]
+    check = module.check_depthwise_forward
+    monkeypatch.setattr(module, "check_depthwise_forward", lambda case: paths.update([check(case)]))
+    test_fuzz_cpu_depthwise_forward()
+    print(f"\nforward paths: {dict(paths)}")
+    if set(paths) == {"generic"}:
+        pytest.skip("no vectorized CPU forward on this machine")
+    assert set(paths) >= {"nchw", "nhwc", "nhwc-pairs", "nhwc-ring"}, dict(paths)
