@@ -12,10 +12,12 @@ Environment knobs:
   NVCC_FLAGS              extra flags appended to the nvcc command line
   DEBUG=1                 -O0 -g (and -G -lineinfo for nvcc)
   SANITIZE=1              AddressSanitizer + UBSan build of the CPU kernels and the emulator
-                          (CPU only; run with libasan preloaded, see .ci/run; the AVX-512
-                          depthwise forward is left out where this machine cannot run it)
-  DEV_NO_AVX512=1         the same for an ordinary build: a quicker rebuild while iterating on
-                          the CPU depthwise forward (its costliest file); never for a release
+                          (CPU only; run with libasan preloaded, see .ci/run; the CPU depthwise
+                          forward leaves out its AVX-512 build where this machine cannot run
+                          it, and its baseline build where this machine runs AVX2)
+  DEV_NO_AVX512=1         an ordinary build without the AVX-512 depthwise forward where this
+                          machine cannot run it: a quicker rebuild while iterating on the CPU
+                          depthwise forward (its costliest file); never for a release
 """
 import glob
 import os
@@ -104,14 +106,26 @@ def _cuda_arch_summary():
     return ",".join(archs) or "unknown"
 
 
-def _cpu_runs_avx512():
-    """Whether this (build) machine has the AVX-512 the CPU depthwise forward's widest build needs."""
+def _cpu_flags():
+    """This (build) machine's CPU flags, or None where /proc/cpuinfo cannot tell."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+            return set(next((line.split(":", 1)[1].split() for line in f
+                             if line.startswith("flags")), []))
     except OSError:
-        return True
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+        return None
+
+
+def _cpu_runs_avx512():
+    """Whether this machine has the AVX-512 the CPU depthwise forward's widest build needs."""
+    flags = _cpu_flags()
+    return flags is None or {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags
+
+
+def _cpu_runs_avx2():
+    """Whether this machine runs the CPU depthwise forward's AVX2 build."""
+    flags = _cpu_flags()
+    return flags is not None and {"avx2", "fma", "f16c", "bmi2"} <= flags
 
 
 def build_extensions():
@@ -131,6 +145,12 @@ def build_extensions():
         # The sanitized build checks the kernels this machine runs: an AVX-512 build that it
         # cannot run would only double the build's time (the costliest file under ASan).
         define_macros.append(("CONVOPS_DW_FORWARD_NO_AVX512", None))
+    if sanitize:
+        define_macros.append(("CONVOPS_DW_FORWARD_UNOPTIMIZED", None))  # see its header
+    if sanitize and _cpu_runs_avx2():
+        # ... nor the baseline build where the AVX2 one runs (its tests never force another ISA;
+        # each ISA file costs 5-6 minutes under ASan)
+        define_macros.append(("CONVOPS_DW_FORWARD_NO_BASELINE", None))
     cxx_flags = optimize or ["-O3"]
     cxx_flags += ["-fdiagnostics-color=always"]  # torch picks the C++ standard it needs
     cxx_flags += sanitizer_flags

@@ -1,4 +1,6 @@
 """depthwise_conv2d: values and gradients against F.conv2d(groups=C), properties, errors."""
+import functools
+import os
 import random
 
 import pytest
@@ -117,6 +119,23 @@ def _require_isa(isa):
     missing = _ISA_FLAGS[isa] - _cpu_flags()
     if missing:
         pytest.skip(f"this CPU lacks {isa} ({', '.join(sorted(missing))})")
+    if not _isa_built(isa):
+        pytest.skip(f"this build leaves out the {isa} forward (a sanitized build: setup.py)")
+
+
+@functools.lru_cache(maxsize=None)
+def _isa_built(isa):
+    """Whether the forward runs the `isa` build when CONVOPS_CPU_ISA asks for it."""
+    old = os.environ.get("CONVOPS_CPU_ISA")
+    os.environ["CONVOPS_CPU_ISA"] = isa
+    try:
+        convops.depthwise_conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), None, 1, 1)
+        return _last_forward_path() == "nchw/" + isa
+    finally:
+        if old is None:
+            del os.environ["CONVOPS_CPU_ISA"]
+        else:
+            os.environ["CONVOPS_CPU_ISA"] = old
 
 
 def _last_forward_path():

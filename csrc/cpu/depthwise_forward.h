@@ -105,7 +105,9 @@ struct DwForwardIsa {
 namespace dw_avx512 { extern const DwForwardIsa kIsa; }
 #endif
 namespace dw_avx2 { extern const DwForwardIsa kIsa; }
+#ifndef CONVOPS_DW_FORWARD_NO_BASELINE  // defined by sanitized builds on machines with AVX2
 namespace dw_sse2 { extern const DwForwardIsa kIsa; }
+#endif
 
 // The build this CPU runs: the widest it has, unless CONVOPS_CPU_ISA asks for a narrower one.
 inline const DwForwardIsa* depthwise_forward_isa() {
@@ -120,7 +122,11 @@ inline const DwForwardIsa* depthwise_forward_isa() {
   if (has_avx512 && !want_avx2 && !want_base) return &dw_avx512::kIsa;
 #endif
   if (has_avx2 && !want_base) return &dw_avx2::kIsa;
+#ifndef CONVOPS_DW_FORWARD_NO_BASELINE
   return &dw_sse2::kIsa;
+#else
+  return has_avx2 ? &dw_avx2::kIsa : nullptr;  // a sanitized build has only this machine's
+#endif
 }
 
 #else

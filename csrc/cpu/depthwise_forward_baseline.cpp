@@ -2,7 +2,7 @@
 // x86-64 baseline (SSE2: 4 float lanes, no FMA).
 #include "cpu/depthwise_forward.h"
 
-#ifdef CONVOPS_DW_FORWARD_X86
+#if defined(CONVOPS_DW_FORWARD_X86) && !defined(CONVOPS_DW_FORWARD_NO_BASELINE)
 namespace convops {
 namespace cpu {
 

@@ -7,6 +7,13 @@
 //   load8/store8, transpose8  (only where kHasTranspose8: AVX2 and AVX-512)
 // and kBlockW, the output pixels of one register block, and kVecRegs, the vector registers.
 
+#ifdef CONVOPS_DW_FORWARD_UNOPTIMIZED
+// Sanitized builds (setup.py): at -O1 under ASan each ISA build of these kernels took 5-6
+// minutes to compile, at -O0 30 s. ASan checks every access at either level. Each ISA file's
+// `pop_options` ends this.
+#pragma GCC optimize("O0")
+#endif
+
 // The first n lanes of a vector from / to memory (channel tails), through an aligned stack
 // buffer; the other lanes load as zero.
 template <typename T>
