@@ -243,3 +243,18 @@ def pytest_runtest_makereport(item, call):
         seed = dict(item.user_properties).get("global_seed", stable_seed(item.nodeid))
         report.sections.append(("replay", f"global RNG seed {seed} = stable_seed({item.nodeid!r})"
                                           "; case data: the seed printed in the assertion"))
+
+
+@contextlib.contextmanager
+def env_set(name, value):
+    """os.environ[name] = value inside the block, restored after (for code that cannot take
+    pytest's monkeypatch: cached helpers, hypothesis examples)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old

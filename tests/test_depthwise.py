@@ -1,6 +1,5 @@
 """depthwise_conv2d: values and gradients against F.conv2d(groups=C), properties, errors."""
 import functools
-import os
 import random
 
 import pytest
@@ -9,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import convops
-from conftest import (DTYPES, HAS_CUDA, assert_close, check_gpu_against_cpu, requires_cuda,
-                      stable_seed)
+from conftest import (DTYPES, HAS_CUDA, assert_close, check_gpu_against_cpu, env_set,
+                      requires_cuda, stable_seed)
 from reference import conv_abs_terms
 from reference import depthwise_conv2d as reference
 
@@ -126,16 +125,9 @@ def _require_isa(isa):
 @functools.lru_cache(maxsize=None)
 def _isa_built(isa):
     """Whether the forward runs the `isa` build when CONVOPS_CPU_ISA asks for it."""
-    old = os.environ.get("CONVOPS_CPU_ISA")
-    os.environ["CONVOPS_CPU_ISA"] = isa
-    try:
+    with env_set("CONVOPS_CPU_ISA", isa):
         convops.depthwise_conv2d(torch.ones(1, 1, 3, 3), torch.ones(1, 1, 3, 3), None, 1, 1)
         return _last_forward_path() == "nchw/" + isa
-    finally:
-        if old is None:
-            del os.environ["CONVOPS_CPU_ISA"]
-        else:
-            os.environ["CONVOPS_CPU_ISA"] = old
 
 
 def _last_forward_path():

@@ -9,7 +9,6 @@ test_fuzz_cpu_depthwise_forward fuzzes the vectorized CPU depthwise forward alon
 above rarely draw a channels_last float32/bfloat16 input with multiplier 1), and
 test_fuzz_reaches_cpu_depthwise_forward_paths checks that it reaches every path."""
 import collections
-import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +17,8 @@ from hypothesis import strategies as st
 import torch
 
 import convops
-from conftest import assert_close, stable_seed
+from conftest import assert_close, env_set, stable_seed
+from reference import depthwise_conv2d as depthwise_reference
 from test_realistic import check_conv, check_deform, relayout
 
 FUZZ = settings(max_examples=200, deadline=None, derandomize=True, database=None,
@@ -123,7 +123,6 @@ def test_example_mix(op, monkeypatch):
     assert len({c["dtype"] for c in drawn}) == 4
 
 
-
 @st.composite
 def depthwise_forward_problem(draw):
     """The CPU depthwise forward's vectorized paths (float32/bfloat16, NCHW any multiplier,
@@ -154,17 +153,9 @@ def check_depthwise_forward(case):
     w = torch.randn(oc, 1, *case["k"], generator=gen).to(case["dtype"])
     b = torch.randn(oc, generator=gen).to(case["dtype"]) if case["bias"] else None
     args = (case["stride"], case["padding"], case["dilation"])
-    old = os.environ.get("CONVOPS_CPU_NHWC")
-    os.environ["CONVOPS_CPU_NHWC"] = case["nhwc"]
-    try:
+    with env_set("CONVOPS_CPU_NHWC", case["nhwc"]):
         out = convops.depthwise_conv2d(x, w, b, *args)
-    finally:
-        if old is None:
-            del os.environ["CONVOPS_CPU_NHWC"]
-        else:
-            os.environ["CONVOPS_CPU_NHWC"] = old
-    ref = torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(),
-                                     *args, groups=c)
+    ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
     return torch.ops.convops_cpu_debug.depthwise_forward_last_path().split("/")[0]
 

@@ -71,9 +71,6 @@ struct DwForwardJob {
 
 using DwTaskFn = void (*)(const DwForwardJob&, int64_t, int64_t);
 
-// Whether the NHWC in-place rows take two channel vectors at a time (at least two full ones):
-// 3x3 stride-1 rows at least slide_w * dw wide, and strided rows of filters up to 7 wide whose
-// interior holds a block of block_w pixels.
 // The output columns [lo, hi) where every tap reads inside the row, clamped to [0, Wo).
 struct DwInterior {
   int64_t lo, hi;
@@ -83,6 +80,9 @@ inline DwInterior dw_interior(const DwForwardJob& j) {
   return {lo, std::clamp(j.inner_hi, lo, j.Wo)};
 }
 
+// Whether the NHWC in-place rows take two channel vectors at a time (at least two full ones):
+// 3x3 stride-1 rows at least slide_w * dw wide, and strided rows of filters up to 7 wide whose
+// interior holds a block of block_w pixels.
 inline bool dw_rows_in_pairs(const DwForwardJob& j, int lanes, int slide_w, int block_w) {
   if (j.C / lanes < 2) return false;
   if (j.sw == 1) return j.kw == 3 && j.Wo >= slide_w * j.dw;

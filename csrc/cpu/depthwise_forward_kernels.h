@@ -165,16 +165,19 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
     }
 }
 
-template <typename in_t, typename out_t, bool kFull, int KW, int R>
+template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1>
 __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& j,
                                                             const in_t* const* rows, int64_t c0,
                                                             int64_t in_px, const float* w, V bias,
                                                             int64_t ow0, out_t* out,
-                                                            int64_t out_px, int nch) {
+                                                            int64_t out_px, int nch,
+                                                            V bias_hi = V()) {
   if (ow0 >= j.inner_lo && ow0 + (R - 1) * j.dw < j.inner_hi)
-    sliding_block<in_t, out_t, kFull, KW, R, false>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
+    sliding_block<in_t, out_t, kFull, KW, R, false, CV>(j, rows, c0, in_px, w, bias, ow0, out,
+                                                        out_px, nch, bias_hi);
   else
-    sliding_block<in_t, out_t, kFull, KW, R, true>(j, rows, c0, in_px, w, bias, ow0, out, out_px, nch);
+    sliding_block<in_t, out_t, kFull, KW, R, true, CV>(j, rows, c0, in_px, w, bias, ow0, out,
+                                                       out_px, nch, bias_hi);
 }
 
 // A whole row (at least kBlockW * dw wide), borders included, in sliding blocks. Without
@@ -340,15 +343,9 @@ __attribute__((always_inline)) inline void sliding_row_pair(const DwForwardJob& 
   const int64_t span = kPairW * j.dw;
   for (int64_t next = 0; next < j.Wo; next += span) {
     const int64_t ow0 = std::min(next, j.Wo - span);
-    for (int64_t phase = 0; phase < j.dw; ++phase) {
-      const int64_t o = ow0 + phase;
-      if (o >= j.inner_lo && o + (kPairW - 1) * j.dw < j.inner_hi)
-        sliding_block<in_t, out_t, true, 3, kPairW, false, 2>(j, rows, c0, in_px, w, bias0, o,
-                                                              out, out_px, kLanes, bias1);
-      else
-        sliding_block<in_t, out_t, true, 3, kPairW, true, 2>(j, rows, c0, in_px, w, bias0, o,
-                                                             out, out_px, kLanes, bias1);
-    }
+    for (int64_t phase = 0; phase < j.dw; ++phase)
+      sliding_block_at<in_t, out_t, true, 3, kPairW, 2>(j, rows, c0, in_px, w, bias0,
+                                                        ow0 + phase, out, out_px, kLanes, bias1);
   }
 }
 
@@ -360,14 +357,12 @@ __attribute__((always_inline)) inline void blocked_row_pair(const DwForwardJob& 
                                                             int64_t out_px) {
   const auto [lo, hi] = dw_interior(j);
   const int64_t w_step = j.kh * j.kw * kLanes;
-  for (int h = 0; h < 2; ++h) {
-    for (int64_t ow = 0; ow < lo; ++ow)
-      pixel_single<in_t, out_t, true>(j, rows, c0 + h * kLanes, in_px, w + h * w_step,
-                                      h ? bias1 : bias0, ow, out + h * kLanes, out_px, kLanes);
-    for (int64_t ow = hi; ow < j.Wo; ++ow)
-      pixel_single<in_t, out_t, true>(j, rows, c0 + h * kLanes, in_px, w + h * w_step,
-                                      h ? bias1 : bias0, ow, out + h * kLanes, out_px, kLanes);
-  }
+  const int64_t borders[2][2] = {{0, lo}, {hi, j.Wo}};
+  for (int h = 0; h < 2; ++h)
+    for (const auto& border : borders)
+      for (int64_t ow = border[0]; ow < border[1]; ++ow)
+        pixel_single<in_t, out_t, true>(j, rows, c0 + h * kLanes, in_px, w + h * w_step,
+                                        h ? bias1 : bias0, ow, out + h * kLanes, out_px, kLanes);
   for (int64_t next = lo; next < hi; next += kPairB)
     pixel_block<in_t, out_t, kPairB, false, true, KW, 2>(j, rows, c0, in_px, w, bias0,
                                                          std::min(next, hi - kPairB), out,
