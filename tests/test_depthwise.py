@@ -210,7 +210,7 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
     out = convops.depthwise_conv2d(x, w, b, *args)
     cl = case["channels_last"]
     # NHWC with a channel multiplier stays on the generic kernels
-    expected = "generic" if cl and case["multiplier"] > 1 else _vector_layout(case) + "/" + isa
+    expected = "generic" if cl and case["multiplier"] > 1 else _vector_layout(case, isa) + "/" + isa
     path = _last_forward_path()
     # in place, some rows take channel vectors in pairs (test_vectorized_forward_nhwc_pairs)
     assert path == expected or (expected == "nhwc/" + isa and path == "nhwc-pairs/" + isa)
@@ -220,13 +220,19 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
-def _vector_layout(case):
-    """The vectorized forward's layout path: NHWC runs on the row ring for bf16 and for
-    stride-1 filters spanning 7 or more input rows (cpu/depthwise_conv2d.cpp), else in place."""
+def _vector_layout(case, isa):
+    """The vectorized forward's layout path (the rule in cpu/depthwise_conv2d.cpp). NHWC runs on
+    the row ring, else in place: with AVX-512 for stride-1 filters spanning 9 or more input rows
+    in float32 and 9 or more rows tall in bf16; on narrower ISAs for bf16, and for stride-1
+    filters spanning 7 or more rows."""
     if not case["channels_last"]:
         return "nchw"
     span = (case["kernel"][0] - 1) * case["dilation"][0] + 1
-    ring = case["dtype"] == torch.bfloat16 or (case["stride"][0] == 1 and span >= 7)
+    stride1 = case["stride"][0] == 1
+    if isa == "avx512":
+        ring = stride1 and (span >= 9 if case["dtype"] == torch.float32 else case["kernel"][0] >= 9)
+    else:
+        ring = case["dtype"] == torch.bfloat16 or (stride1 and span >= 7)
     return "nhwc-ring" if ring else "nhwc"
 
 
@@ -270,9 +276,11 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
         for t in (1, 3):
             torch.set_num_threads(t)
             outs.append(convops.depthwise_conv2d(x, w, b, 1, 1))
-            assert _last_forward_path().split("/")[0] == (
-                ("nhwc-ring" if dtype == torch.bfloat16 else "nhwc-pairs") if channels_last
-                else "nchw")
+            layout, isa = _last_forward_path().split("/")
+            # bf16 NHWC 3x3 takes the ring below AVX-512 (the rule: _vector_layout)
+            ring = dtype == torch.bfloat16 and isa != "avx512"
+            assert layout == (("nhwc-ring" if ring else "nhwc-pairs") if channels_last
+                              else "nchw")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(outs[0], outs[1]), "the forward depends on the thread count"
@@ -311,6 +319,47 @@ def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
     assert _last_forward_path() == "nhwc-pairs/" + isa
     ref = reference(x.double(), w.double(), b.double(), *args)
     assert_close(out, ref, dtype, f"forward, nhwc pairs, {isa}, seed {stable_seed(case)}")
+
+
+# Stride-1 rows of filters 8 or more wide run in wide sliding blocks of 8 pixels per dilation
+# phase (cpu/depthwise_forward_kernels.h): every border (the 27-wide filter on a 14-wide map has
+# no interior at all), widths that 8 does not divide, channel tails on every ISA's lane count,
+# even and asymmetric filters, no padding, dilated phase runs, and a row too narrow for a run
+# (the other kernels take it).
+WIDE_CASES = [
+    dict(channels=40, kernel=(9, 9), dilation=(1, 1), padding=4, size=(12, 19), wide=True),
+    dict(channels=24, kernel=(11, 8), dilation=(1, 2), padding=(5, 7), size=(10, 30), wide=True),
+    dict(channels=17, kernel=(31, 31), dilation=(1, 1), padding=15, size=(20, 8), wide=True),
+    dict(channels=9, kernel=(13, 13), dilation=(3, 3), padding=18, size=(16, 60), wide=True),
+    dict(channels=33, kernel=(27, 27), dilation=(1, 1), padding=13, size=(14, 14), wide=True),
+    dict(channels=48, kernel=(9, 12), dilation=(1, 1), padding=0, size=(14, 40), wide=True),
+    dict(channels=20, kernel=(9, 9), dilation=(2, 2), padding=8, size=(10, 10), wide=False),
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("layout", ["nchw", "nhwc-ring", "nhwc-inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", WIDE_CASES, ids=lambda c: (
+    f"C{c['channels']}-k{c['kernel']}-d{c['dilation']}-{c['size']}").replace(" ", ""))
+def test_vectorized_forward_wide_sliding(case, dtype, layout, isa, monkeypatch):
+    from convops import _C
+    _require_isa(isa)
+    monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+    cl = layout != "nchw"
+    if cl:
+        monkeypatch.setenv("CONVOPS_CPU_NHWC", layout.split("-")[1])
+    case = dict(case, multiplier=1, batch=2, bias=True, dtype=dtype, channels_last=cl,
+                stride=(1, 1))
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    key = "depthwise_forward_wide_sliding:" + isa
+    before = _C.cpu_path_counts().get(key, 0)
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    assert _last_forward_path() == ("nchw" if not cl else layout.replace("-inplace", "")) + "/" + isa
+    assert _C.cpu_path_counts().get(key, 0) - before == int(case["wide"])
+    ref = reference(x.double(), w.double(), b.double(), *args)
+    assert_close(out, ref, dtype, f"forward, wide sliding, {layout}, {isa}, seed {stable_seed(case)}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -336,6 +336,15 @@ MUTANTS += [
     Mutant("dwf-pair-block-weights-of-first-vector", DWF,
            "const V wv = vload(wk + h * w_step + kx * kLanes);",
            "const V wv = vload(wk + kx * kLanes);", DWF_TESTS),
+    Mutant("dwf-border-pixel-drops-fourth-chain", DWF,
+           "vfma(acc[2], one, acc[3])", "acc[2]", DWF_TESTS),
+    Mutant("dwf-wide-head-skips-tap-zero", DWF,
+           "if (r <= q) acc[r]", "if (r < q) acc[r]", DWF_TESTS),
+    Mutant("dwf-wide-tail-drops-last-tap", DWF,
+           "if (r > q - kw) acc[r]", "if (r > q - kw + 1) acc[r]", DWF_TESTS),
+    Mutant("dwf-wide-window-one-column-short", DWF,
+           "std::min<int64_t>(R + kw - 1, floor_div", "std::min<int64_t>(R + kw - 2, floor_div",
+           DWF_TESTS),
     Mutant("dwf-border-pixel-drops-last-tap", DWF,
            "floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1)", "floor_div<int64_t>(j.W - 1 - iw0, j.dw))",
            DWF_TESTS),
@@ -403,8 +412,9 @@ MUTANTS += [
     Mutant("dwf-wide-interior-last-block-not-shifted", DWF,
            "std::min(ow, hi - kBlockW), out,", "ow, out,", DWF_TESTS),
     Mutant("dwf-weights-packed-flipped", "csrc/cpu/depthwise_conv2d.cpp",
-           "wp[((oc / lanes) * taps + t) * lanes + oc % lanes]",
-           "wp[((oc / lanes) * taps + (taps - 1 - t)) * lanes + oc % lanes]", DWF_TESTS),
+           "for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = static_cast<float>(src[t]);",
+           "for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = static_cast<float>(src[taps - 1 - t]);",
+           DWF_TESTS),
 ]
 
 

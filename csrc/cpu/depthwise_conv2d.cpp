@@ -23,6 +23,7 @@
 #include "common/tensor_utils.h"
 #include "cpu/depthwise_forward.h"
 #include "cpu/nhwc_kernels.h"
+#include "cpu/path_counts.h"
 #include "cpu/plane_kernels.h"
 #include "cpu/scratch.h"
 #include "cpu/row_kernels.h"
@@ -395,12 +396,24 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC.
     const int64_t lanes = isa->lanes, taps = g.kh * g.kw;
     const int64_t blocks = (g.OC + lanes - 1) / lanes;
+    // (per call, so on large filters in parallel: 512 channels of 27x27 packed serially took a
+    // fifth of the forward's time)
     float* wp = scratch<float>(kDwWeightSlot, blocks * taps * lanes);
     const scalar_t* wsrc = w.const_data_ptr<scalar_t>();
-    for (int64_t oc = 0; oc < blocks * lanes; ++oc)
-      for (int64_t t = 0; t < taps; ++t)
-        wp[((oc / lanes) * taps + t) * lanes + oc % lanes] =
-            oc < g.OC ? static_cast<float>(wsrc[oc * taps + t]) : 0.f;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (taps * lanes)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t cb = begin; cb < end; ++cb) {
+        float* dst = wp + cb * taps * lanes;
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t oc = cb * lanes + l;
+          const scalar_t* src = wsrc + oc * taps;
+          if (oc < g.OC)
+            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = static_cast<float>(src[t]);
+          else
+            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = 0.f;
+        }
+      }
+    });
     j.w = wp;
     if (b.defined()) {
       float* bp = scratch<float>(kDwBiasSlot, blocks * lanes);
@@ -422,9 +435,15 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       // spanning 7 or more rows (each input row reused by that many output rows). Measured at 1
       // and 2 threads against the in-place rows: 128@56 k31 1.0 -> 1.4-1.7x oneDNN, d4-256@64
       // 0.9-1.1 -> 1.3-1.6x, bf16 144@56 1.84 -> 1.55 ms; 3x3 and 5x5 filters tie, stride 2
-      // loses (0.94-1.02 -> 0.77-0.94x). CONVOPS_CPU_NHWC=ring|inplace forces one.
+      // loses (0.94-1.02 -> 0.77-0.94x). That was AVX2 (Zen 4 with AVX-512 disabled). With
+      // AVX-512 (same 2-core Zen 4, 2 threads), in place won for bf16 wherever the span is
+      // under 9 (ring -> in place: 3x3 0.75-0.78 -> 0.91-0.98x oneDNN, 5x5 0.77 -> 0.84, 7x7
+      // 0.94-0.97 -> 0.97-1.05, d4 0.63 -> 0.88) and for 7x7 in fp32 (1.08 -> 1.19); the ring
+      // kept the spans of 9 and more in fp32. CONVOPS_CPU_NHWC=ring|inplace forces one.
       const int64_t span = (g.kh - 1) * g.dh + 1;
-      ring = (kBF16 || (g.sh == 1 && span >= 7)) &&
+      const bool wide = lanes >= 16;
+      ring = (wide ? (g.sh == 1 && (kF32 ? span >= 9 : g.kh >= 9))
+                   : (kBF16 || (g.sh == 1 && span >= 7))) &&
              g.kh * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
       if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;
@@ -448,6 +467,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     last_forward_path =
         std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
         isa->name;
+    if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);
     return true;
   }
 }

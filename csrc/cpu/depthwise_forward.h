@@ -90,6 +90,13 @@ inline bool dw_rows_in_pairs(const DwForwardJob& j, int lanes, int slide_w, int 
   return j.kw <= 7 && in.hi - in.lo >= block_w;
 }
 
+// Whether NHWC rows run in wide sliding blocks (cpu/depthwise_forward_kernels.h): stride 1,
+// filters at least kDwWideBlock wide, rows holding a run of kDwWideBlock pixels per dilation phase.
+constexpr int kDwWideBlock = 8;
+inline bool dw_wide_sliding(const DwForwardJob& j) {
+  return j.sw == 1 && j.kw >= kDwWideBlock && j.Wo >= kDwWideBlock * j.dw;
+}
+
 struct DwForwardIsa {
   const char* name;
   int lanes, pair_slide_w, pair_block_w;

@@ -83,7 +83,10 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
 }
 
 // One output pixel at a border: only the taps whose input column is inside (a contiguous kx
-// range, since the input column grows with kx) are applied, with no per-tap test.
+// range, since the input column grows with kx) are applied, with no per-tap test. Four
+// accumulators take the taps kx0, kx0+1, ... in turn, so the sum is four FMA chains, not one
+// latency-bound chain (31x31 rows at 56 wide have 14 such pixels: one chain ran them at a
+// quarter of the FMA rate); they are added in a fixed order.
 template <typename in_t, typename out_t, bool kFull>
 __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
                                                         const in_t* const* rows, int64_t c0,
@@ -93,19 +96,29 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
   const int64_t iw0 = ow * j.sw - j.pw;  // input column of tap 0
   const int64_t kx0 = std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw));
   const int64_t kx1 = std::min<int64_t>(j.kw, floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1);
-  V acc = bias;
+  const int64_t tap_step = j.dw * in_px;
+  V acc[4] = {bias, vset1(0.f), vset1(0.f), vset1(0.f)};
   for (int64_t ky = 0; ky < j.kh; ++ky) {
-    const in_t* row = rows[ky];
-    if (row == nullptr) continue;
-    const in_t* p = row + c0 + iw0 * in_px;
-    const float* wk = w + ky * j.kw * kLanes;
-    for (int64_t kx = kx0; kx < kx1; ++kx) {
-      const in_t* q = p + kx * j.dw * in_px;
-      acc = vfma(vload(wk + kx * kLanes), kFull ? vload(q) : vload_part(q, nch), acc);
+    if (rows[ky] == nullptr) continue;
+    const in_t* q = rows[ky] + c0 + (iw0 + kx0 * j.dw) * in_px;
+    const float* wq = w + (ky * j.kw + kx0) * kLanes;
+    int64_t n = kx1 - kx0;
+    for (; n >= 4; n -= 4, q += 4 * tap_step, wq += 4 * kLanes) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u)
+        acc[u] = vfma(vload(wq + u * kLanes),
+                      kFull ? vload(q + u * tap_step) : vload_part(q + u * tap_step, nch), acc[u]);
     }
+#pragma GCC unroll 3
+    for (int u = 0; u < 3; ++u)
+      if (u < n)
+        acc[u] = vfma(vload(wq + u * kLanes),
+                      kFull ? vload(q + u * tap_step) : vload_part(q + u * tap_step, nch), acc[u]);
   }
-  if (kFull) vstore(out + ow * out_px, acc);
-  else vstore_part(out + ow * out_px, acc, nch);
+  const V one = vset1(1.f);  // a * 1 + b: an exact add
+  const V sum = vfma(vfma(acc[0], one, acc[1]), one, vfma(acc[2], one, acc[3]));
+  if (kFull) vstore(out + ow * out_px, sum);
+  else vstore_part(out + ow * out_px, sum, nch);
 }
 
 // One block of R output pixels ow0 + r * dw, for a compile-time width KW at stride 1. Pixel r's
@@ -114,9 +127,8 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
 // reads it: a 3x3 block of 4 pixels does 6 loads per row instead of 12, and the loads walk one
 // pointer (per-tap address registers spilled in the profile). With dilation the block's pixels
 // are dw apart (one phase of the row), which is what makes their windows overlap. kChecked
-// blocks touch the border: columns outside the image are skipped, issuing no FMA, exactly as
-// pixel_single skips those taps, so borders run at the interior's speed and every path sums the
-// same taps in the same order.
+// blocks touch the border: columns outside the image are skipped, issuing no FMA, so borders
+// run at the interior's speed.
 template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked, int CV = 1>
 __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
                                                          const in_t* const* rows, int64_t c0,
@@ -217,6 +229,83 @@ __attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
                                                       nch);
 }
 
+// Stride-1 rows of filters at least kWideR wide (the 27x27 and 31x31 layers): sliding blocks of
+// kWideR pixels ow0 + r * dw whose weights come from memory. Each input column q of the block's
+// window (kWideR + kw - 1 columns) is loaded once and feeds pixel r through tap kx = q - r, with
+// that tap's weight as the FMA's memory operand: the same loads per FMA as a pixel block (one
+// weight, 1/kWideR of an input), but columns outside the image are simply not visited, so a
+// border block costs only its valid taps and runs at the interior's rate. (The blocks of
+// interior_run could not cover a 14-wide row under a 27-wide filter at all: every pixel was a
+// border pixel, run one by one or in blocks with a test per pixel and tap.) Only the first and
+// last kWideR - 1 columns of the window feed part of the block. Eight accumulators: the FMA
+// latency times the pipes on AVX2 (2 x 4) and on Zen 4's AVX-512 (1 x 4).
+constexpr int kWideR = kDwWideBlock;
+
+template <typename in_t, typename out_t, bool kFull>
+__attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob& j,
+                                                              const in_t* const* rows, int64_t c0,
+                                                              int64_t in_px, const float* w,
+                                                              V bias, int64_t ow0, out_t* out,
+                                                              int64_t out_px, int nch) {
+  constexpr int R = kWideR;
+  const int64_t kw = j.kw, dw = j.dw, col_step = dw * in_px;
+  const int64_t ic0 = ow0 - j.pw;  // input column of window column 0
+  // the window columns inside the image: [qa, qb)
+  const int64_t qa = std::max<int64_t>(0, ceil_div<int64_t>(-ic0, dw));
+  const int64_t qb = std::min<int64_t>(R + kw - 1, floor_div<int64_t>(j.W - 1 - ic0, dw) + 1);
+  const int64_t head_end = std::min<int64_t>(qb, R - 1), mid_end = std::min<int64_t>(qb, kw);
+  V acc[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) acc[r] = bias;
+  for (int64_t ky = 0; ky < j.kh; ++ky) {
+    if (rows[ky] == nullptr) continue;
+    const in_t* p = rows[ky] + c0 + (ic0 + qa * dw) * in_px;
+    const float* wq = w + (ky * kw + qa) * kLanes;  // tap q: pixel r's weight is wq - r * kLanes
+    int64_t q = qa;
+    // head: pixels r <= q
+    for (; q < head_end; ++q, p += col_step, wq += kLanes) {
+      const V v = kFull ? vload(p) : vload_part(p, nch);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (r <= q) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+    }
+    // middle: every pixel
+    for (; q < mid_end; ++q, p += col_step, wq += kLanes) {
+      const V v = kFull ? vload(p) : vload_part(p, nch);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+    }
+    // tail: pixels r > q - kw
+    for (; q < qb; ++q, p += col_step, wq += kLanes) {
+      const V v = kFull ? vload(p) : vload_part(p, nch);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r)
+        if (r > q - kw) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if (kFull) vstore(out + (ow0 + r * dw) * out_px, acc[r]);
+    else vstore_part(out + (ow0 + r * dw) * out_px, acc[r], nch);
+  }
+}
+
+// A whole row (at least kWideR * dw wide) in wide sliding blocks: runs of kWideR * dw pixels,
+// one block per dilation phase, the last run shifted left (recomputing a few pixels).
+template <typename in_t, typename out_t, bool kFull>
+__attribute__((always_inline)) inline void wide_sliding_row(const DwForwardJob& j,
+                                                            const in_t* const* rows, int64_t c0,
+                                                            int64_t in_px, const float* w, V bias,
+                                                            out_t* out, int64_t out_px, int nch) {
+  const int64_t span = kWideR * j.dw;
+  for (int64_t next = 0; next < j.Wo; next += span) {
+    const int64_t ow0 = std::min(next, j.Wo - span);
+    for (int64_t phase = 0; phase < j.dw; ++phase)
+      wide_sliding_block<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, ow0 + phase, out,
+                                             out_px, nch);
+  }
+}
+
 // Unchecked blocks over the interior [lo, hi) (hi - lo >= kBlockW), the last one shifted left,
 // for what does not slide (stride 2, large or other filters; sliding at stride 2 measured no
 // faster). Narrower interiors: 3x3 filters with all three input rows inside hold their nine
@@ -301,6 +390,8 @@ __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j
       default: break;
     }
   }
+  if (dw_wide_sliding(j))
+    return wide_sliding_row<in_t, out_t, kFull>(j, rows, c0, in_px, w, bias, out, out_px, nch);
   // left border [0, lo), interior [lo, hi), right border [hi, Wo)
   const auto [lo, hi] = dw_interior(j);
   int64_t ow = 0;
