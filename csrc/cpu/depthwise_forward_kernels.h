@@ -431,6 +431,16 @@ __attribute__((always_inline)) inline void sliding_row_pair(const DwForwardJob& 
                                                             int64_t in_px, const float* w,
                                                             V bias0, V bias1, out_t* out,
                                                             int64_t out_px) {
+  // Rows that blocks one pixel narrower divide and kPairW does not (14 and 28 wide with
+  // AVX-512) skip the recomputed pixels of a shifted last block: 576@14 0.93 -> 0.98x oneDNN
+  // in float32, 0.97 -> 1.05x in bf16.
+  constexpr int kNarrow = kPairW - 1;
+  if (j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0) {
+    for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow)
+      sliding_block_at<in_t, out_t, true, 3, kNarrow, 2>(j, rows, c0, in_px, w, bias0, ow0, out,
+                                                         out_px, kLanes, bias1);
+    return;
+  }
   const int64_t span = kPairW * j.dw;
   for (int64_t next = 0; next < j.Wo; next += span) {
     const int64_t ow0 = std::min(next, j.Wo - span);
