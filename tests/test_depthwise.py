@@ -294,8 +294,8 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
 # filters, each with borders and a width the blocks do not divide.
 PAIR_CASES = [
     dict(channels=40, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(9, 29)),
-    # rows that blocks one pixel narrower than the pair block divide (AVX-512: 14 and 21 by 7;
-    # AVX2: 21 by 3) run in those blocks, with no shifted last block
+    # rows that blocks one pixel narrower than the pair block divide (AVX-512: 14 and 21 by 7)
+    # run in those blocks, with no shifted last block
     dict(channels=64, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(6, 14)),
     dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(5, 21)),
     dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(2, 2), padding=2, size=(13, 37)),

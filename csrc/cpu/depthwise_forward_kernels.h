@@ -433,9 +433,10 @@ __attribute__((always_inline)) inline void sliding_row_pair(const DwForwardJob& 
                                                             int64_t out_px) {
   // Rows that blocks one pixel narrower divide and kPairW does not (14 and 28 wide with
   // AVX-512) skip the recomputed pixels of a shifted last block: 576@14 0.93 -> 0.98x oneDNN
-  // in float32, 0.97 -> 1.05x in bf16.
+  // in float32, 0.97 -> 1.05x in bf16. Only where the narrower block still holds 14
+  // accumulators (AVX-512); AVX2's would hold 6, fewer than its 2 pipes x 4 cycles of latency.
   constexpr int kNarrow = kPairW - 1;
-  if (j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0) {
+  if (kNarrow >= 7 && j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0) {
     for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow)
       sliding_block_at<in_t, out_t, true, 3, kNarrow, 2>(j, rows, c0, in_px, w, bias0, ow0, out,
                                                          out_px, kLanes, bias1);
