@@ -396,8 +396,8 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC.
     const int64_t lanes = isa->lanes, taps = g.kh * g.kw;
     const int64_t blocks = (g.OC + lanes - 1) / lanes;
-    // (per call, so on large filters in parallel: 512 channels of 27x27 packed serially took a
-    // fifth of the forward's time)
+    // (per call, so on large filters in parallel: packed serially, 512 channels of 27x27 had
+    // 8% of the forward's profile samples, against 56% in the kernels)
     float* wp = scratch<float>(kDwWeightSlot, blocks * taps * lanes);
     const scalar_t* wsrc = w.const_data_ptr<scalar_t>();
     at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (taps * lanes)),

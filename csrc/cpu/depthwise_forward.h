@@ -80,6 +80,13 @@ inline DwInterior dw_interior(const DwForwardJob& j) {
   return {lo, std::clamp(j.inner_hi, lo, j.Wo)};
 }
 
+// The indices q in [0, count) whose input column start + q * step lies inside the row: a
+// border pixel's valid taps (step = dilation) and a wide block's window columns inside the image.
+inline OutputRange<int64_t> dw_columns_inside(const DwForwardJob& j, int64_t start, int64_t step,
+                                              int64_t count) {
+  return valid_output_range<int64_t>(0, j.W, count, step, -start, 0);  // o * step + start
+}
+
 // Whether the NHWC in-place rows take two channel vectors at a time (at least two full ones):
 // 3x3 stride-1 rows at least slide_w * dw wide, and strided rows of filters up to 7 wide whose
 // interior holds a block of block_w pixels.

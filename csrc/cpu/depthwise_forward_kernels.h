@@ -94,8 +94,8 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
                                                         int64_t ow, out_t* out, int64_t out_px,
                                                         int nch) {
   const int64_t iw0 = ow * j.sw - j.pw;  // input column of tap 0
-  const int64_t kx0 = std::max<int64_t>(0, ceil_div<int64_t>(-iw0, j.dw));
-  const int64_t kx1 = std::min<int64_t>(j.kw, floor_div<int64_t>(j.W - 1 - iw0, j.dw) + 1);
+  const OutputRange<int64_t> taps = dw_columns_inside(j, iw0, j.dw, j.kw);
+  const int64_t kx0 = taps.first, kx1 = taps.last;
   const int64_t tap_step = j.dw * in_px;
   V acc[4] = {bias, vset1(0.f), vset1(0.f), vset1(0.f)};
   for (int64_t ky = 0; ky < j.kh; ++ky) {
@@ -250,9 +250,8 @@ __attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob
   constexpr int R = kWideR;
   const int64_t kw = j.kw, dw = j.dw, col_step = dw * in_px;
   const int64_t ic0 = ow0 - j.pw;  // input column of window column 0
-  // the window columns inside the image: [qa, qb)
-  const int64_t qa = std::max<int64_t>(0, ceil_div<int64_t>(-ic0, dw));
-  const int64_t qb = std::min<int64_t>(R + kw - 1, floor_div<int64_t>(j.W - 1 - ic0, dw) + 1);
+  const OutputRange<int64_t> cols = dw_columns_inside(j, ic0, dw, R + kw - 1);
+  const int64_t qa = cols.first, qb = cols.last;  // the window columns inside the image
   const int64_t head_end = std::min<int64_t>(qb, R - 1), mid_end = std::min<int64_t>(qb, kw);
   V acc[R];
 #pragma GCC unroll 16
