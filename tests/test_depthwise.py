@@ -305,6 +305,9 @@ PAIR_CASES = [
          size=(20, 64)),
     dict(channels=32, kernel=(3, 4), stride=(2, 2), dilation=(1, 1), padding=(1, 2),
          size=(12, 50)),
+    # with AVX-512, bf16 even / odd pairs: 3 pairs plus nothing, strided with borders; dilated
+    dict(channels=96, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(11, 27)),
+    dict(channels=96, kernel=(3, 3), stride=(1, 1), dilation=(3, 3), padding=3, size=(9, 40)),
 ]
 
 
@@ -313,16 +316,30 @@ PAIR_CASES = [
 @pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: (
     f"C{c['channels']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}").replace(" ", ""))
 def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
+    """With AVX-512, bf16 pairs of channel counts that are a multiple of 32 run with even
+    channels in one vector and odd ones in the other (weights and bias packed to match):
+    asserted to have run, and to give exactly what the channel-order pair kernels give
+    (CONVOPS_CPU_BF16_EVEN_ODD=0)."""
+    from convops import _C
     _require_isa(isa)
     monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
     monkeypatch.setenv("CONVOPS_CPU_NHWC", "inplace")  # bf16 would take the ring
     case = dict(case, multiplier=1, batch=2, bias=True, dtype=dtype, channels_last=True)
     x, w, b = _inputs(case, "cpu", requires_grad=False)
     args = (case["stride"], case["padding"], case["dilation"])
+    key = "depthwise_forward_bf16_even_odd:" + isa
+    before = _C.cpu_path_counts().get(key, 0)
     out = convops.depthwise_conv2d(x, w, b, *args)
     assert _last_forward_path() == "nhwc-pairs/" + isa
+    even_odd = dtype == torch.bfloat16 and isa == "avx512" and case["channels"] % 32 == 0
+    assert _C.cpu_path_counts().get(key, 0) - before == int(even_odd)
     ref = reference(x.double(), w.double(), b.double(), *args)
     assert_close(out, ref, dtype, f"forward, nhwc pairs, {isa}, seed {stable_seed(case)}")
+    if even_odd:
+        monkeypatch.setenv("CONVOPS_CPU_BF16_EVEN_ODD", "0")
+        channel_order = convops.depthwise_conv2d(x, w, b, *args)
+        assert _C.cpu_path_counts().get(key, 0) - before == 1
+        assert torch.equal(out, channel_order), "even/odd pairs differ from channel-order pairs"
 
 
 # Stride-1 rows of filters 8 or more wide run in wide sliding blocks of 8 pixels per dilation

@@ -128,7 +128,8 @@ def depthwise_forward_problem(draw):
     """The CPU depthwise forward's vectorized paths (float32/bfloat16, NCHW any multiplier,
     NHWC multiplier 1 in place and on the row ring): filters up to 7x7, and rows up to 13 wide
     (the wide sliding blocks of filters 8 or more wide), strides and dilations 1-3, padding up
-    to the filter's size, 1-80 channels (vector tails and pairs), maps up to 40x48, and which
+    to the filter's size, 1-80 channels (vector tails and pairs; 32 and 64 often: AVX-512's
+    bf16 even / odd pairs), maps up to 40x48, and which
     NHWC path runs (the rule's or a forced one)."""
     kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7) | st.integers(8, 13))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -136,7 +137,7 @@ def depthwise_forward_problem(draw):
     layout = draw(st.sampled_from(["cl", "cl", "nchw", "strided"]))
     return dict(k=(kh, kw), dilation=(dh, dw), padding=(ph, pw),
                 stride=(draw(st.integers(1, 3)), draw(st.sampled_from([1, 1, 2, 3]))),
-                c=draw(st.integers(1, 80)), layout=layout,
+                c=draw(st.sampled_from([32, 64]) | st.integers(1, 80)), layout=layout,
                 multiplier=1 if layout == "cl" else draw(st.sampled_from([1, 1, 2, 3])),
                 size=(draw(st.integers(max(1, dh * (kh - 1) + 1 - 2 * ph), 40)),
                       draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 48))),
@@ -145,15 +146,16 @@ def depthwise_forward_problem(draw):
                 nhwc=draw(st.sampled_from(["", "ring", "inplace"])))
 
 
-def _wide_sliding_runs():
-    return sum(n for path, n in convops._C.cpu_path_counts().items()
-               if path.startswith("depthwise_forward_wide_sliding:"))
+def _path_runs(prefix):
+    return sum(n for path, n in convops._C.cpu_path_counts().items() if path.startswith(prefix))
 
 
 def check_depthwise_forward(case):
     """The forward against float64 F.conv2d; returns the CPU forward path that ran (its layout
-    part, and "+wide" where its rows ran in wide sliding blocks)."""
-    wide_before = _wide_sliding_runs()
+    part, "+wide" where its rows ran in wide sliding blocks, "+even-odd" where bf16 pairs ran
+    in even / odd channel order)."""
+    wide_before = _path_runs("depthwise_forward_wide_sliding:")
+    even_odd_before = _path_runs("depthwise_forward_bf16_even_odd:")
     gen = torch.Generator().manual_seed(stable_seed(case))
     c, oc = case["c"], case["c"] * case["multiplier"]
     x = relayout(torch.randn(case["batch"], c, *case["size"], generator=gen).to(case["dtype"]),
@@ -165,8 +167,14 @@ def check_depthwise_forward(case):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
-    path = torch.ops.convops_cpu_debug.depthwise_forward_last_path().split("/")[0]
-    return path + ("+wide" if _wide_sliding_runs() > wide_before else "")
+    path, isa = (torch.ops.convops_cpu_debug.depthwise_forward_last_path().split("/") + [""])[:2]
+    _FORWARD_ISAS.add(isa)
+    return (path + ("+wide" if _path_runs("depthwise_forward_wide_sliding:") > wide_before else "")
+            + ("+even-odd" if _path_runs("depthwise_forward_bf16_even_odd:") > even_odd_before
+               else ""))
+
+
+_FORWARD_ISAS = set()
 
 
 @FUZZ
@@ -177,8 +185,8 @@ def test_fuzz_cpu_depthwise_forward(case):
 
 def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     """The forward fuzz examples reach every vectorized CPU forward path: NCHW, and NHWC in
-    place (single channel vectors and pairs) and on the row ring, each layout also in wide
-    sliding blocks."""
+    place (single channel vectors and pairs, with AVX-512 also bf16 pairs in even / odd order)
+    and on the row ring, each layout also in wide sliding blocks."""
     import sys
     paths = collections.Counter()
     module = sys.modules[__name__]
@@ -190,3 +198,4 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
         pytest.skip("no vectorized CPU forward on this machine")
     assert set(paths) >= {"nchw", "nhwc", "nhwc-pairs", "nhwc-ring", "nchw+wide", "nhwc+wide",
                           "nhwc-ring+wide"}, dict(paths)
+    assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)

@@ -393,35 +393,8 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     j.N = g.N, j.C = g.C, j.H = g.H, j.W = g.W, j.OC = g.OC, j.Ho = g.Ho, j.Wo = g.Wo;
     j.kh = g.kh, j.kw = g.kw, j.sh = g.sh, j.sw = g.sw, j.ph = g.ph, j.pw = g.pw;
     j.dh = g.dh, j.dw = g.dw, j.multiplier = g.multiplier;
-    // Weights (and bias) packed per block of `lanes` output channels, zero past OC.
     const int64_t lanes = isa->lanes, taps = g.kh * g.kw;
     const int64_t blocks = (g.OC + lanes - 1) / lanes;
-    // (per call, so on large filters in parallel: packed serially, 512 channels of 27x27 had
-    // 8% of the forward's profile samples, against 56% in the kernels)
-    float* wp = scratch<float>(kDwWeightSlot, blocks * taps * lanes);
-    const scalar_t* wsrc = w.const_data_ptr<scalar_t>();
-    at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (taps * lanes)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t cb = begin; cb < end; ++cb) {
-        float* dst = wp + cb * taps * lanes;
-        for (int64_t l = 0; l < lanes; ++l) {
-          const int64_t oc = cb * lanes + l;
-          const scalar_t* src = wsrc + oc * taps;
-          if (oc < g.OC)
-            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = static_cast<float>(src[t]);
-          else
-            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = 0.f;
-        }
-      }
-    });
-    j.w = wp;
-    if (b.defined()) {
-      float* bp = scratch<float>(kDwBiasSlot, blocks * lanes);
-      const scalar_t* bsrc = b.const_data_ptr<scalar_t>();
-      for (int64_t oc = 0; oc < blocks * lanes; ++oc)
-        bp[oc] = oc < g.OC ? static_cast<float>(bsrc[oc]) : 0.f;
-      j.bias = bp;
-    }
     j.inner_lo = 0, j.inner_hi = g.Wo;
     for (int64_t kx = 0; kx < g.kw; ++kx) {
       const auto r = valid_output_range<int64_t>(kx, g.W, g.Wo, g.sw, g.pw, g.dw);
@@ -447,8 +420,56 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
              g.kh * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
       if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;
+    }
+    const bool pairs = cl && !ring &&
+                       dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
+    // bf16 pairs in even / odd channel order (the AVX-512 build): fewer ALU ops per load and
+    // store, so faster where the bf16 rows are compute-bound (2 threads, interleaved with
+    // oneDNN: 32@112 0.88 -> 0.98x oneDNN, 576@14 1.01 -> 1.07). Only
+    // where each pair's 64 bytes are one cache line in every pixel (channels a multiple of
+    // 2 * lanes): with 144 channels every other pixel's pair straddles two lines, and 144@56 ran
+    // 5% faster in one run and 20% slower in another. CONVOPS_CPU_BF16_EVEN_ODD=0 turns it off.
+    const bool even_odd = kBF16 && pairs && isa->nhwc_bf16_even_odd != nullptr &&
+                          g.C % (2 * lanes) == 0 && !env_is("CONVOPS_CPU_BF16_EVEN_ODD", "0");
+    // Weights (and bias) packed per block of `lanes` output channels, zero past OC; with
+    // even_odd, the pairs' blocks (all full blocks but an odd last one) in even / odd order.
+    const int64_t paired_blocks = even_odd ? (g.OC / lanes) / 2 * 2 : 0;
+    auto channel_of = [&](int64_t cb, int64_t l) {
+      return cb < paired_blocks ? (cb & ~int64_t(1)) * lanes + 2 * l + (cb & 1) : cb * lanes + l;
+    };
+    // (per call, so on large filters in parallel: packed serially, 512 channels of 27x27 had
+    // 8% of the forward's profile samples, against 56% in the kernels)
+    float* wp = scratch<float>(kDwWeightSlot, blocks * taps * lanes);
+    const scalar_t* wsrc = w.const_data_ptr<scalar_t>();
+    at::parallel_for(0, blocks, std::max<int64_t>(1, 16384 / (taps * lanes)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t cb = begin; cb < end; ++cb) {
+        float* dst = wp + cb * taps * lanes;
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t oc = channel_of(cb, l);
+          const scalar_t* src = wsrc + oc * taps;
+          if (oc < g.OC)
+            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = static_cast<float>(src[t]);
+          else
+            for (int64_t t = 0; t < taps; ++t) dst[t * lanes + l] = 0.f;
+        }
+      }
+    });
+    j.w = wp;
+    if (b.defined()) {
+      float* bp = scratch<float>(kDwBiasSlot, blocks * lanes);
+      const scalar_t* bsrc = b.const_data_ptr<scalar_t>();
+      for (int64_t cb = 0; cb < blocks; ++cb)
+        for (int64_t l = 0; l < lanes; ++l) {
+          const int64_t oc = channel_of(cb, l);
+          bp[cb * lanes + l] = oc < g.OC ? static_cast<float>(bsrc[oc]) : 0.f;
+        }
+      j.bias = bp;
+    }
+    if (cl) {
       const DwTaskFn fn = ring ? (kF32 ? isa->nhwc_ring_f32 : isa->nhwc_ring_bf16)
-                               : (kF32 ? isa->nhwc_f32 : isa->nhwc_bf16);
+                               : (kF32 ? isa->nhwc_f32
+                                       : even_odd ? isa->nhwc_bf16_even_odd : isa->nhwc_bf16);
       at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     } else {
       // Strips of output rows give every thread several tasks even at batch 1 with few
@@ -462,11 +483,10 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       at::parallel_for(0, tasks * j.strips, 1,
                        [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     }
-    const bool pairs = cl && !ring &&
-                       dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
     last_forward_path =
         std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
         isa->name;
+    if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);
     return true;
   }

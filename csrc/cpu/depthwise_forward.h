@@ -11,7 +11,9 @@
 // bf16 is loaded and widened in registers, accumulated in float32 and rounded (to nearest even,
 // as c10) straight into the output. In place, 3x3 stride-1 rows and strided rows of filters up
 // to 7 wide take two channel vectors per register block (dw_rows_in_pairs), so each pixel's
-// channels are read and written as whole cache lines.
+// channels are read and written as whole cache lines; with AVX-512, bf16 pairs hold even
+// channels in one vector and odd ones in the other (cheaper to widen and round; the weights are
+// packed to match).
 //
 // NHWC row ring (bf16, and stride-1 filters spanning 7+ rows; the rule and its measurements are
 // in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation
@@ -108,6 +110,9 @@ struct DwForwardIsa {
   const char* name;
   int lanes, pair_slide_w, pair_block_w;
   DwTaskFn nhwc_f32, nhwc_bf16, nhwc_ring_f32, nhwc_ring_bf16, nchw_f32, nchw_bf16;
+  // NHWC bf16 in place whose channel pairs hold even channels in the first vector and odd ones
+  // in the second (weights packed to match: dw_pack_weights), or null: see the AVX-512 build
+  DwTaskFn nhwc_bf16_even_odd;
 };
 
 #ifdef CONVOPS_DW_FORWARD_X86

@@ -33,7 +33,40 @@ inline void vstore(c10::BFloat16* p, V v) {
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
 }
 #include "cpu/depthwise_forward_x86_8.h"
+
+// bf16 channel pairs (NHWC in place), even / odd: a pair's 32 bf16 channels are one 64-byte load,
+// and each 32-bit word of it holds channels 2i (low half) and 2i + 1 (high half), so a shift
+// widens the even channels and a mask the odd ones: 2 ALU ops per pair, against 2 widening
+// loads and 2 shifts in channel order. The store rounds both vectors (as vstore) and interleaves
+// their halves back with one word blend. The pair's weights and bias are packed in the same
+// order (cpu/depthwise_conv2d.cpp), so each channel sums the same terms in the same order:
+// results identical to the channel-order kernels. Used where every pair is one cache line
+// (channels a multiple of 32; the rule and its measurements are in depthwise_conv2d.cpp).
+struct PairedBF16 : c10::BFloat16 {
+  PairedBF16() = default;
+  PairedBF16(float f) : c10::BFloat16(f) {}  // NOLINT: converts like c10::BFloat16
+};
+inline void vload_pair(const PairedBF16* p, V& even, V& odd) {
+  const __m512i u = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+// v's bits rounded to nearest even at bit 16 (the bf16 is the high half); NaN -> 0x7FC0.
+inline __m512i bf16_rounded_high(V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC00000));
+}
+inline void vstore_pair(PairedBF16* p, V even, V odd) {
+  const __m512i low = _mm512_srli_epi32(bf16_rounded_high(even), 16);
+  _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, low, bf16_rounded_high(odd)));
+}
+#define DWF_PAIRED_BF16 1
+
 #include "cpu/depthwise_forward_kernels.h"
+#undef DWF_PAIRED_BF16
 #undef DWF_HAS_TRANSPOSE8
 }  // namespace dw_avx512
 #pragma GCC pop_options

@@ -29,6 +29,18 @@ inline void vstore_part(T* p, V v, int n) {
   for (int i = 0; i < n; ++i) p[i] = static_cast<T>(t[i]);
 }
 
+// The two channel vectors of a pair (2 * kLanes channels from p), lanes in channel order. An ISA
+// may define exact overloads for its own element types that order lanes differently (AVX-512's
+// PairedBF16: even channels, then odd); the packed weights follow the same order.
+template <typename T>
+inline void vload_pair(const T* p, V& a, V& b) {
+  a = vload(p), b = vload(p + kLanes);
+}
+template <typename T>
+inline void vstore_pair(T* p, V a, V b) {
+  vstore(p, a), vstore(p + kLanes, b);
+}
+
 // acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
 // one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
 // touch the border: per tap, pixels outside [lo[kx], hi[kx]) read nothing (no padded copy).
@@ -54,50 +66,73 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
     const float* wk = w + ky * kw * kLanes;
 #pragma GCC unroll 8
     for (int64_t kx = 0; kx < kw; ++kx) {
-#pragma GCC unroll 2
-      for (int h = 0; h < CV; ++h) {
-        const V wv = vload(wk + h * w_step + kx * kLanes);
-        const in_t* p = base + kx * tap_step + h * kLanes;
+      const in_t* p = base + kx * tap_step;
+      if constexpr (CV == 2) {
+        static_assert(!kChecked, "pairs run unchecked interior blocks");
+        const V w0 = vload(wk + kx * kLanes), w1 = vload(wk + w_step + kx * kLanes);
+#pragma GCC unroll 16
+        for (int r = 0; r < R; ++r) {
+          V a, b;
+          vload_pair(p + r * px_step, a, b);
+          acc[0][r] = vfma(w0, a, acc[0][r]);
+          acc[1][r] = vfma(w1, b, acc[1][r]);
+        }
+      } else {
+        const V wv = vload(wk + kx * kLanes);
         if (!kChecked || (ow0 >= j.lo[kx] && ow0 + R <= j.hi[kx])) {
 #pragma GCC unroll 16
           for (int r = 0; r < R; ++r)
-            acc[h][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
-                             acc[h][r]);
+            acc[0][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                             acc[0][r]);
         } else {
 #pragma GCC unroll 16
           for (int r = 0; r < R; ++r)
             if (ow0 + r >= j.lo[kx] && ow0 + r < j.hi[kx])
-              acc[h][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
-                               acc[h][r]);
+              acc[0][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                               acc[0][r]);
         }
       }
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int h = 0; h < CV; ++h) {
-      if (kFull) vstore(out + (ow0 + r) * out_px + h * kLanes, acc[h][r]);
-      else vstore_part(out + (ow0 + r) * out_px, acc[h][r], nch);
-    }
+  for (int r = 0; r < R; ++r) {
+    if constexpr (CV == 2) vstore_pair(out + (ow0 + r) * out_px, acc[0][r], acc[1][r]);
+    else if (kFull) vstore(out + (ow0 + r) * out_px, acc[0][r]);
+    else vstore_part(out + (ow0 + r) * out_px, acc[0][r], nch);
+  }
 }
 
 // One output pixel at a border: only the taps whose input column is inside (a contiguous kx
 // range, since the input column grows with kx) are applied, with no per-tap test. Four
 // accumulators take the taps kx0, kx0+1, ... in turn, so the sum is four FMA chains, not one
 // latency-bound chain (31x31 rows at 56 wide have 14 such pixels: one chain ran them at a
-// quarter of the FMA rate); they are added in a fixed order.
-template <typename in_t, typename out_t, bool kFull>
+// quarter of the FMA rate); they are added in a fixed order. CV = 2: a channel pair.
+template <typename in_t, typename out_t, bool kFull, int CV = 1>
 __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
                                                         const in_t* const* rows, int64_t c0,
                                                         int64_t in_px, const float* w, V bias,
                                                         int64_t ow, out_t* out, int64_t out_px,
-                                                        int nch) {
+                                                        int nch, V bias_hi = V()) {
+  static_assert(kFull || CV == 1, "channel tails come one vector at a time");
   const int64_t iw0 = ow * j.sw - j.pw;  // input column of tap 0
   const OutputRange<int64_t> taps = dw_columns_inside(j, iw0, j.dw, j.kw);
   const int64_t kx0 = taps.first, kx1 = taps.last;
-  const int64_t tap_step = j.dw * in_px;
-  V acc[4] = {bias, vset1(0.f), vset1(0.f), vset1(0.f)};
+  const int64_t tap_step = j.dw * in_px, w_step = j.kh * j.kw * kLanes;
+  V acc[CV][4];
+#pragma GCC unroll 2
+  for (int h = 0; h < CV; ++h)
+    acc[h][0] = h == 0 ? bias : bias_hi, acc[h][1] = acc[h][2] = acc[h][3] = vset1(0.f);
+  // tap u of a group: weights at wq + u * kLanes (+ w_step for the pair's second vector)
+  auto tap = [&](const in_t* q, const float* wq, int u) __attribute__((always_inline)) {
+    if constexpr (CV == 2) {
+      V a, b;
+      vload_pair(q, a, b);
+      acc[0][u] = vfma(vload(wq + u * kLanes), a, acc[0][u]);
+      acc[1][u] = vfma(vload(wq + w_step + u * kLanes), b, acc[1][u]);
+    } else {
+      acc[0][u] = vfma(vload(wq + u * kLanes), kFull ? vload(q) : vload_part(q, nch), acc[0][u]);
+    }
+  };
   for (int64_t ky = 0; ky < j.kh; ++ky) {
     if (rows[ky] == nullptr) continue;
     const in_t* q = rows[ky] + c0 + (iw0 + kx0 * j.dw) * in_px;
@@ -105,20 +140,20 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
     int64_t n = kx1 - kx0;
     for (; n >= 4; n -= 4, q += 4 * tap_step, wq += 4 * kLanes) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u)
-        acc[u] = vfma(vload(wq + u * kLanes),
-                      kFull ? vload(q + u * tap_step) : vload_part(q + u * tap_step, nch), acc[u]);
+      for (int u = 0; u < 4; ++u) tap(q + u * tap_step, wq, u);
     }
 #pragma GCC unroll 3
     for (int u = 0; u < 3; ++u)
-      if (u < n)
-        acc[u] = vfma(vload(wq + u * kLanes),
-                      kFull ? vload(q + u * tap_step) : vload_part(q + u * tap_step, nch), acc[u]);
+      if (u < n) tap(q + u * tap_step, wq, u);
   }
   const V one = vset1(1.f);  // a * 1 + b: an exact add
-  const V sum = vfma(vfma(acc[0], one, acc[1]), one, vfma(acc[2], one, acc[3]));
-  if (kFull) vstore(out + ow * out_px, sum);
-  else vstore_part(out + ow * out_px, sum, nch);
+  V sum[CV];
+#pragma GCC unroll 2
+  for (int h = 0; h < CV; ++h)
+    sum[h] = vfma(vfma(acc[h][0], one, acc[h][1]), one, vfma(acc[h][2], one, acc[h][3]));
+  if constexpr (CV == 2) vstore_pair(out + ow * out_px, sum[0], sum[1]);
+  else if (kFull) vstore(out + ow * out_px, sum[0]);
+  else vstore_part(out + ow * out_px, sum[0], nch);
 }
 
 // One block of R output pixels ow0 + r * dw, for a compile-time width KW at stride 1. Pixel r's
@@ -157,24 +192,26 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
 #pragma GCC unroll 32
     for (int q = 0; q < Q; ++q, p += col_step) {
       if (kChecked && (ic0 + q * dw < 0 || ic0 + q * dw >= j.W)) continue;
+      V v[CV];
+      if constexpr (CV == 2) vload_pair(p, v[0], v[1]);
+      else v[0] = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 2
       for (int h = 0; h < CV; ++h) {
-        const V v = kFull ? vload(p + h * kLanes) : vload_part(p, nch);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const int kx = q - r;  // the tap of pixel r that reads column q
-          if (kx >= 0 && kx < KW) acc[h][r] = vfma(wv[h][kx], v, acc[h][r]);
+          if (kx >= 0 && kx < KW) acc[h][r] = vfma(wv[h][kx], v[h], acc[h][r]);
         }
       }
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-    for (int h = 0; h < CV; ++h) {
-      if (kFull) vstore(out + (ow0 + r * dw) * out_px + h * kLanes, acc[h][r]);
-      else vstore_part(out + (ow0 + r * dw) * out_px, acc[h][r], nch);
-    }
+  for (int r = 0; r < R; ++r) {
+    out_t* o = out + (ow0 + r * dw) * out_px;
+    if constexpr (CV == 2) vstore_pair(o, acc[0][r], acc[1][r]);
+    else if (kFull) vstore(o, acc[0][r]);
+    else vstore_part(o, acc[0][r], nch);
+  }
 }
 
 template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1>
@@ -457,13 +494,11 @@ __attribute__((always_inline)) inline void blocked_row_pair(const DwForwardJob& 
                                                             V bias0, V bias1, out_t* out,
                                                             int64_t out_px) {
   const auto [lo, hi] = dw_interior(j);
-  const int64_t w_step = j.kh * j.kw * kLanes;
   const int64_t borders[2][2] = {{0, lo}, {hi, j.Wo}};
-  for (int h = 0; h < 2; ++h)
-    for (const auto& border : borders)
-      for (int64_t ow = border[0]; ow < border[1]; ++ow)
-        pixel_single<in_t, out_t, true>(j, rows, c0 + h * kLanes, in_px, w + h * w_step,
-                                        h ? bias1 : bias0, ow, out + h * kLanes, out_px, kLanes);
+  for (const auto& border : borders)
+    for (int64_t ow = border[0]; ow < border[1]; ++ow)
+      pixel_single<in_t, out_t, true, 2>(j, rows, c0, in_px, w, bias0, ow, out, out_px, kLanes,
+                                         bias1);
   for (int64_t next = lo; next < hi; next += kPairB)
     pixel_block<in_t, out_t, kPairB, false, true, KW, 2>(j, rows, c0, in_px, w, bias0,
                                                          std::min(next, hi - kPairB), out,
@@ -735,4 +770,10 @@ const DwForwardIsa kIsa{kIsaName,
                         nhwc_ring_rows<float>,
                         nhwc_ring_rows<c10::BFloat16>,
                         nchw_tasks<float>,
-                        nchw_tasks<c10::BFloat16>};
+                        nchw_tasks<c10::BFloat16>,
+#ifdef DWF_PAIRED_BF16
+                        nhwc_rows<PairedBF16>
+#else
+                        nullptr
+#endif
+};
