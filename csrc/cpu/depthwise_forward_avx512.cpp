@@ -46,6 +46,7 @@ struct PairedBF16 : c10::BFloat16 {
   PairedBF16() = default;
   PairedBF16(float f) : c10::BFloat16(f) {}  // NOLINT: converts like c10::BFloat16
 };
+constexpr bool pair_loads_together(const PairedBF16*) { return true; }
 inline void vload_pair(const PairedBF16* p, V& even, V& odd) {
   const __m512i u = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));

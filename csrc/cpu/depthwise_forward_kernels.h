@@ -40,6 +40,11 @@ template <typename T>
 inline void vstore_pair(T* p, V a, V b) {
   vstore(p, a), vstore(p + kLanes, b);
 }
+// Whether a pair's two vectors come from one vload_pair (lanes in another order); channel-order
+// pairs load each vector next to its FMAs, as the single-vector kernels do.
+constexpr bool pair_loads_together(const void*) { return false; }
+template <typename T>
+constexpr bool kPairLoadsTogether = pair_loads_together(static_cast<const T*>(nullptr));
 
 // acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
 // one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
@@ -67,7 +72,7 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
 #pragma GCC unroll 8
     for (int64_t kx = 0; kx < kw; ++kx) {
       const in_t* p = base + kx * tap_step;
-      if constexpr (CV == 2) {
+      if constexpr (CV == 2 && kPairLoadsTogether<in_t>) {
         static_assert(!kChecked, "pairs run unchecked interior blocks");
         const V w0 = vload(wk + kx * kLanes), w1 = vload(wk + w_step + kx * kLanes);
 #pragma GCC unroll 16
@@ -78,18 +83,22 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
           acc[1][r] = vfma(w1, b, acc[1][r]);
         }
       } else {
-        const V wv = vload(wk + kx * kLanes);
-        if (!kChecked || (ow0 >= j.lo[kx] && ow0 + R <= j.hi[kx])) {
+#pragma GCC unroll 2
+        for (int h = 0; h < CV; ++h) {
+          const V wv = vload(wk + h * w_step + kx * kLanes);
+          const in_t* ph = p + h * kLanes;
+          if (!kChecked || (ow0 >= j.lo[kx] && ow0 + R <= j.hi[kx])) {
 #pragma GCC unroll 16
-          for (int r = 0; r < R; ++r)
-            acc[0][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
-                             acc[0][r]);
-        } else {
+            for (int r = 0; r < R; ++r)
+              acc[h][r] = vfma(wv, kFull ? vload(ph + r * px_step) : vload_part(ph + r * px_step, nch),
+                               acc[h][r]);
+          } else {
 #pragma GCC unroll 16
-          for (int r = 0; r < R; ++r)
-            if (ow0 + r >= j.lo[kx] && ow0 + r < j.hi[kx])
-              acc[0][r] = vfma(wv, kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
-                               acc[0][r]);
+            for (int r = 0; r < R; ++r)
+              if (ow0 + r >= j.lo[kx] && ow0 + r < j.hi[kx])
+                acc[h][r] = vfma(wv, kFull ? vload(ph + r * px_step) : vload_part(ph + r * px_step, nch),
+                                 acc[h][r]);
+          }
         }
       }
     }
@@ -156,29 +165,31 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
   else vstore_part(out + ow * out_px, sum[0], nch);
 }
 
-// One block of R output pixels ow0 + r * dw, for a compile-time width KW at stride 1. Pixel r's
-// tap kx reads window column r + kx (input column ow0 - pw + (r + kx) * dw), so each of the
-// window's R + KW - 1 columns per input row is loaded once and feeds every (pixel, tap) pair that
-// reads it: a 3x3 block of 4 pixels does 6 loads per row instead of 12, and the loads walk one
+// One block of R output pixels ow0 + r * dw, for a compile-time width KW at stride S (1, or 2
+// without dilation). Pixel r's tap kx reads window column r * S + kx (input column
+// ow0 * S - pw + (r * S + kx) * dw), so each of the window's (R - 1) * S + KW columns per input
+// row is loaded once and feeds every (pixel, tap) pair that reads it: a 3x3 block of 4 pixels
+// does 6 loads per row instead of 12 at stride 1, 9 at stride 2, and the loads walk one
 // pointer (per-tap address registers spilled in the profile). With dilation the block's pixels
 // are dw apart (one phase of the row), which is what makes their windows overlap. kChecked
 // blocks touch the border: columns outside the image are skipped, issuing no FMA, so borders
 // run at the interior's speed.
-template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked, int CV = 1>
+template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked, int CV = 1,
+          int S = 1>
 __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
                                                          const in_t* const* rows, int64_t c0,
                                                          int64_t in_px, const float* w, V bias,
                                                          int64_t ow0, out_t* out, int64_t out_px,
                                                          int nch, V bias_hi = V()) {
   static_assert(kFull || CV == 1, "channel tails come one vector at a time");
-  constexpr int Q = R + KW - 1;
+  constexpr int Q = (R - 1) * S + KW;
   const int64_t w_step = j.kh * KW * kLanes;  // the next channel vector's weights
   V acc[CV][R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
     for (int h = 0; h < CV; ++h) acc[h][r] = h == 0 ? bias : bias_hi;
-  const int64_t ic0 = ow0 - j.pw;  // input column of the window's first column
+  const int64_t ic0 = ow0 * S - j.pw;  // input column of the window's first column
   const int64_t dw = j.dw, col_step = dw * in_px;
   for (int64_t ky = 0; ky < j.kh; ++ky) {
     const in_t* p = rows[ky];
@@ -193,13 +204,14 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
     for (int q = 0; q < Q; ++q, p += col_step) {
       if (kChecked && (ic0 + q * dw < 0 || ic0 + q * dw >= j.W)) continue;
       V v[CV];
-      if constexpr (CV == 2) vload_pair(p, v[0], v[1]);
-      else v[0] = kFull ? vload(p) : vload_part(p, nch);
+      if constexpr (CV == 2 && kPairLoadsTogether<in_t>) vload_pair(p, v[0], v[1]);
 #pragma GCC unroll 2
       for (int h = 0; h < CV; ++h) {
+        if constexpr (!(CV == 2 && kPairLoadsTogether<in_t>))
+          v[h] = kFull ? vload(p + h * kLanes) : vload_part(p, nch);
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
-          const int kx = q - r;  // the tap of pixel r that reads column q
+          const int kx = q - r * S;  // the tap of pixel r that reads column q
           if (kx >= 0 && kx < KW) acc[h][r] = vfma(wv[h][kx], v[h], acc[h][r]);
         }
       }
@@ -214,7 +226,7 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
   }
 }
 
-template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1>
+template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1, int S = 1>
 __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& j,
                                                             const in_t* const* rows, int64_t c0,
                                                             int64_t in_px, const float* w, V bias,
@@ -222,11 +234,11 @@ __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& 
                                                             int64_t out_px, int nch,
                                                             V bias_hi = V()) {
   if (ow0 >= j.inner_lo && ow0 + (R - 1) * j.dw < j.inner_hi)
-    sliding_block<in_t, out_t, kFull, KW, R, false, CV>(j, rows, c0, in_px, w, bias, ow0, out,
-                                                        out_px, nch, bias_hi);
+    sliding_block<in_t, out_t, kFull, KW, R, false, CV, S>(j, rows, c0, in_px, w, bias, ow0,
+                                                           out, out_px, nch, bias_hi);
   else
-    sliding_block<in_t, out_t, kFull, KW, R, true, CV>(j, rows, c0, in_px, w, bias, ow0, out,
-                                                       out_px, nch, bias_hi);
+    sliding_block<in_t, out_t, kFull, KW, R, true, CV, S>(j, rows, c0, in_px, w, bias, ow0,
+                                                          out, out_px, nch, bias_hi);
 }
 
 // A whole row (at least kBlockW * dw wide), borders included, in sliding blocks. Without
@@ -455,8 +467,9 @@ __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j
 // Rows of two adjacent channel vectors at once (NHWC in place, where dw_rows_in_pairs says):
 // each pixel's 2 * kLanes channels are whole cache lines, read and written in one visit
 // instead of two. 3x3 stride-1 rows slide (dilated ones in runs of one phase, the last run
-// shifted left); strided rows of filters up to 7 wide run their interior in blocks of pixels
-// and their few border pixels one by one. Same taps in the same order as the single-vector
+// shifted left), and so do 3x3 stride-2 rows without dilation; other strided rows of filters up
+// to 7 wide run their interior in blocks of pixels and their few border pixels one by one
+// (a pair at a time). Same taps in the same order as the single-vector
 // kernels: bit-identical results.
 constexpr int kPairW = std::min(8, (kVecRegs - 8) / 2);  // 2R accumulators + 6 weights + 2
 constexpr int kPairB = std::min(8, (kVecRegs - 4) / 2);  // 2R accumulators + 2 weights + 2
@@ -493,6 +506,17 @@ __attribute__((always_inline)) inline void blocked_row_pair(const DwForwardJob& 
                                                             int64_t in_px, const float* w,
                                                             V bias0, V bias1, out_t* out,
                                                             int64_t out_px) {
+  if constexpr (KW == 3) {
+    // stride 2 without dilation slides too: 2R + 1 loads per row and vector instead of 3R
+    // (s2-144@56 channels_last, 2 threads: bf16 0.70 -> 0.80x oneDNN, fp32 0.83 -> 0.87)
+    if (j.sw == 2 && j.dw == 1 && j.Wo >= kPairW) {
+      for (int64_t next = 0; next < j.Wo; next += kPairW)
+        sliding_block_at<in_t, out_t, true, 3, kPairW, 2, 2>(j, rows, c0, in_px, w, bias0,
+                                                             std::min(next, j.Wo - kPairW), out,
+                                                             out_px, kLanes, bias1);
+      return;
+    }
+  }
   const auto [lo, hi] = dw_interior(j);
   const int64_t borders[2][2] = {{0, lo}, {hi, j.Wo}};
   for (const auto& border : borders)
