@@ -111,7 +111,7 @@ struct DwForwardIsa {
   int lanes, pair_slide_w, pair_block_w;
   DwTaskFn nhwc_f32, nhwc_bf16, nhwc_ring_f32, nhwc_ring_bf16, nchw_f32, nchw_bf16;
   // NHWC bf16 in place whose channel pairs hold even channels in the first vector and odd ones
-  // in the second (weights packed to match: dw_pack_weights), or null: see the AVX-512 build
+  // in the second (weights packed to match in cpu/depthwise_conv2d.cpp), or null: see the AVX-512 build
   DwTaskFn nhwc_bf16_even_odd;
 };
 

@@ -25,11 +25,17 @@ inline V vload(const c10::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
-inline void vstore(c10::BFloat16* p, V v) {
+// v's bits rounded to nearest even at bit 16 (c10's rule: the bf16 is the high half); NaN ->
+// 0x7FC0. Shared by the channel-order store below and the even / odd pair store.
+inline __m512i bf16_rounded_high(V v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), r, _mm512_set1_epi32(0x7FC0));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC00000));
+}
+inline void vstore(c10::BFloat16* p, V v) {
+  const __m512i r = _mm512_srli_epi32(bf16_rounded_high(v), 16);
   _mm256_storeu_si256((__m256i*)p, _mm512_cvtepi32_epi16(r));
 }
 #include "cpu/depthwise_forward_x86_8.h"
@@ -51,14 +57,6 @@ inline void vload_pair(const PairedBF16* p, V& even, V& odd) {
   const __m512i u = _mm512_loadu_si512(p);
   even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));
-}
-// v's bits rounded to nearest even at bit 16 (the bf16 is the high half); NaN -> 0x7FC0.
-inline __m512i bf16_rounded_high(V v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
-                               _mm512_set1_epi32(0x7FC00000));
 }
 inline void vstore_pair(PairedBF16* p, V even, V odd) {
   const __m512i low = _mm512_srli_epi32(bf16_rounded_high(even), 16);
