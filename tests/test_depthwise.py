@@ -172,6 +172,14 @@ def _forward_cases():
              padding=4, batch=2, bias=True, dtype=f32, size=(21, 45)),
         dict(channels=20, multiplier=1, kernel=(5, 5), stride=(1, 1), dilation=(2, 3),
              padding=(4, 5), batch=2, bias=False, dtype=bf16, size=(19, 39)),
+        # 7-wide output rows (7x7 maps of MobileNet / EfficientNet's last stages) run as one
+        # sliding block of 7 pixels per channel vector, borders on both sides
+        dict(channels=80, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(1, 1),
+             padding=1, batch=2, bias=True, dtype=f32, size=(7, 7)),
+        dict(channels=37, multiplier=1, kernel=(5, 5), stride=(1, 1), dilation=(1, 1),
+             padding=2, batch=2, bias=False, dtype=bf16, size=(8, 7)),
+        dict(channels=33, multiplier=1, kernel=(7, 7), stride=(1, 1), dilation=(1, 1),
+             padding=3, batch=2, bias=True, dtype=f32, size=(7, 7)),
         # one channel block, batch 1: the NCHW rows are split into strips with a halo
         dict(channels=16, multiplier=1, kernel=(3, 3), stride=(1, 1), dilation=(3, 3),
              padding=3, batch=1, bias=True, dtype=f32, size=(61, 50)),
@@ -204,9 +212,12 @@ FORWARD_CASES = _forward_cases()
     f"{str(c['dtype'])[6:]}").replace(" ", ""))
 def test_vectorized_forward_cpu(case, isa, monkeypatch):
     _require_isa(isa)
+    from convops import _C
     monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
     x, w, b = _inputs(case, "cpu", requires_grad=False)
     args = (case["stride"], case["padding"], case["dilation"])
+    seven_key = "depthwise_forward_seven_wide:" + isa
+    seven_before = _C.cpu_path_counts().get(seven_key, 0)
     out = convops.depthwise_conv2d(x, w, b, *args)
     cl = case["channels_last"]
     # NHWC with a channel multiplier stays on the generic kernels
@@ -214,6 +225,10 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
     path = _last_forward_path()
     # in place, some rows take channel vectors in pairs (test_vectorized_forward_nhwc_pairs)
     assert path == expected or (expected == "nhwc/" + isa and path == "nhwc-pairs/" + isa)
+    # 7-wide stride-1 rows of 3/5/7-wide filters slide as one block of 7 pixels
+    seven = (path != "generic" and out.shape[-1] == 7 and case["stride"][1] == 1
+             and case["dilation"][1] == 1 and case["kernel"][1] in (3, 5, 7))
+    assert _C.cpu_path_counts().get(seven_key, 0) - seven_before == int(seven)
     ref = reference(x.double(), w.double(), b.double() if b is not None else None, *args)
     assert_close(out, ref, case["dtype"], f"forward, {isa}, seed {stable_seed(case)}")
     if cl:
@@ -308,6 +323,10 @@ PAIR_CASES = [
     # with AVX-512, bf16 even / odd pairs: 3 pairs plus nothing, strided with borders; dilated
     dict(channels=96, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(11, 27)),
     dict(channels=96, kernel=(3, 3), stride=(1, 1), dilation=(3, 3), padding=3, size=(9, 40)),
+    # 7-wide rows: one block of 7 pixels per pair (AVX-512), then a single tail vector; and
+    # even / odd bf16 pairs only
+    dict(channels=80, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(7, 7)),
+    dict(channels=64, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(9, 7)),
 ]
 
 

@@ -487,6 +487,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
         std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
         isa->name;
     if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
+    if (dw_seven_wide(j)) count_path(std::string("depthwise_forward_seven_wide:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);
     return true;
   }

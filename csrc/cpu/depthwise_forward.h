@@ -90,13 +90,20 @@ inline OutputRange<int64_t> dw_columns_inside(const DwForwardJob& j, int64_t sta
 }
 
 // Whether the NHWC in-place rows take two channel vectors at a time (at least two full ones):
-// 3x3 stride-1 rows at least slide_w * dw wide, and strided rows of filters up to 7 wide whose
+// 3x3 stride-1 rows at least slide_w * dw wide (or 7 wide), and strided rows of filters up to 7 wide whose
 // interior holds a block of block_w pixels.
 inline bool dw_rows_in_pairs(const DwForwardJob& j, int lanes, int slide_w, int block_w) {
   if (j.C / lanes < 2) return false;
-  if (j.sw == 1) return j.kw == 3 && j.Wo >= slide_w * j.dw;
+  if (j.sw == 1)  // 7-wide rows too where blocks of 7 slide (slide_w 8: AVX-512)
+    return j.kw == 3 && (j.Wo >= slide_w * j.dw || (j.dw == 1 && j.Wo == 7 && slide_w == 8));
   const DwInterior in = dw_interior(j);
   return j.kw <= 7 && in.hi - in.lo >= block_w;
+}
+
+// Whether 7-wide stride-1 rows (7x7 maps) run as one sliding block of 7 pixels per channel
+// vector (cpu/depthwise_forward_kernels.h): 7 accumulator chains instead of one pixel at a time.
+inline bool dw_seven_wide(const DwForwardJob& j) {
+  return j.sw == 1 && j.dw == 1 && j.Wo == 7 && (j.kw == 3 || j.kw == 5 || j.kw == 7);
 }
 
 // Whether NHWC rows run in wide sliding blocks (cpu/depthwise_forward_kernels.h): stride 1,

@@ -430,6 +430,14 @@ __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j
                                                            const in_t* const* rows, int64_t c0,
                                                            int64_t in_px, const float* w, V bias,
                                                            out_t* out, int64_t out_px, int nch) {
+  if (dw_seven_wide(j)) {
+    switch (j.kw) {
+      case 3: return sliding_block_at<in_t, out_t, kFull, 3, 7>(j, rows, c0, in_px, w, bias, 0, out, out_px, nch);
+      case 5: return sliding_block_at<in_t, out_t, kFull, 5, 7>(j, rows, c0, in_px, w, bias, 0, out, out_px, nch);
+      case 7: return sliding_block_at<in_t, out_t, kFull, 7, 7>(j, rows, c0, in_px, w, bias, 0, out, out_px, nch);
+      default: break;
+    }
+  }
   if (j.sw == 1 && j.Wo >= kBlockW * j.dw) {
     switch (j.kw) {
       case 3: return sliding_row<in_t, out_t, kFull, 3>(j, rows, c0, in_px, w, bias, out, out_px, nch);
@@ -474,49 +482,12 @@ __attribute__((always_inline)) inline void conv_row_vector(const DwForwardJob& j
 constexpr int kPairW = std::min(8, (kVecRegs - 8) / 2);  // 2R accumulators + 6 weights + 2
 constexpr int kPairB = std::min(8, (kVecRegs - 4) / 2);  // 2R accumulators + 2 weights + 2
 
-template <typename in_t, typename out_t>
-__attribute__((always_inline)) inline void sliding_row_pair(const DwForwardJob& j,
-                                                            const in_t* const* rows, int64_t c0,
-                                                            int64_t in_px, const float* w,
-                                                            V bias0, V bias1, out_t* out,
-                                                            int64_t out_px) {
-  // Rows that blocks one pixel narrower divide and kPairW does not (14 and 28 wide with
-  // AVX-512) skip the recomputed pixels of a shifted last block: 576@14 0.93 -> 0.98x oneDNN
-  // in float32, 0.97 -> 1.05x in bf16. Only where the narrower block still holds 14
-  // accumulators (AVX-512); AVX2's would hold 6, fewer than its 2 pipes x 4 cycles of latency.
-  constexpr int kNarrow = kPairW - 1;
-  if (kNarrow >= 7 && j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0) {
-    for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow)
-      sliding_block_at<in_t, out_t, true, 3, kNarrow, 2>(j, rows, c0, in_px, w, bias0, ow0, out,
-                                                         out_px, kLanes, bias1);
-    return;
-  }
-  const int64_t span = kPairW * j.dw;
-  for (int64_t next = 0; next < j.Wo; next += span) {
-    const int64_t ow0 = std::min(next, j.Wo - span);
-    for (int64_t phase = 0; phase < j.dw; ++phase)
-      sliding_block_at<in_t, out_t, true, 3, kPairW, 2>(j, rows, c0, in_px, w, bias0,
-                                                        ow0 + phase, out, out_px, kLanes, bias1);
-  }
-}
-
 template <typename in_t, typename out_t, int KW>
 __attribute__((always_inline)) inline void blocked_row_pair(const DwForwardJob& j,
                                                             const in_t* const* rows, int64_t c0,
                                                             int64_t in_px, const float* w,
                                                             V bias0, V bias1, out_t* out,
                                                             int64_t out_px) {
-  if constexpr (KW == 3) {
-    // stride 2 without dilation slides too: 2R + 1 loads per row and vector instead of 3R
-    // (s2-144@56 channels_last, 2 threads: bf16 0.70 -> 0.80x oneDNN, fp32 0.83 -> 0.87)
-    if (j.sw == 2 && j.dw == 1 && j.Wo >= kPairW) {
-      for (int64_t next = 0; next < j.Wo; next += kPairW)
-        sliding_block_at<in_t, out_t, true, 3, kPairW, 2, 2>(j, rows, c0, in_px, w, bias0,
-                                                             std::min(next, j.Wo - kPairW), out,
-                                                             out_px, kLanes, bias1);
-      return;
-    }
-  }
   const auto [lo, hi] = dw_interior(j);
   const int64_t borders[2][2] = {{0, lo}, {hi, j.Wo}};
   for (const auto& border : borders)
@@ -529,35 +500,84 @@ __attribute__((always_inline)) inline void blocked_row_pair(const DwForwardJob& 
                                                          out_px, kLanes, bias1);
 }
 
-template <typename in_t, typename out_t>
-__attribute__((always_inline)) inline void conv_row_pair(const DwForwardJob& j,
-                                                         const in_t* const* rows, int64_t c0,
-                                                         int64_t in_px, const float* w, V bias0,
-                                                         V bias1, out_t* out, int64_t out_px) {
-  if (j.sw == 1) return sliding_row_pair<in_t, out_t>(j, rows, c0, in_px, w, bias0, bias1, out, out_px);
-  switch (j.kw) {
-    case 3: return blocked_row_pair<in_t, out_t, 3>(j, rows, c0, in_px, w, bias0, bias1, out, out_px);
-    case 5: return blocked_row_pair<in_t, out_t, 5>(j, rows, c0, in_px, w, bias0, bias1, out, out_px);
-    case 7: return blocked_row_pair<in_t, out_t, 7>(j, rows, c0, in_px, w, bias0, bias1, out, out_px);
-    default: return blocked_row_pair<in_t, out_t, 0>(j, rows, c0, in_px, w, bias0, bias1, out, out_px);
-  }
-}
-
 // The bias vector of channel block cb (zero past OC, or no bias).
 inline V block_bias(const DwForwardJob& j, int64_t cb) {
   return j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
 }
 
-// One output row over `blocks` channel vectors (+ a tail of nch_tail channels), each vector
-// along the whole row. (Column tiles sized for L1, with the channel vectors inside, measured
-// slower at 2 threads than whole rows: 0.87-0.92 vs 1.13-1.17 of oneDNN on 144@56 channels_last,
-// 1.02 vs 1.21 on d4-256@64; a long strided run per vector seems to suit the prefetchers.) The
-// input rows that the next output row reads first (`ahead`, null-terminated, NHWC only) are
-// prefetched into L2: when the input does not fit in cache, each row's first use otherwise
-// stalls every channel vector on memory latency. With `pairs`, full vectors go two at a time
-// (in-process A/B, fp32 channels_last against the single vectors, geomean over 3x3 s1, s2 and
-// d4 layers at 1/2 threads and batch 1/suite: 1.02-1.16 -> 1.06-1.40x oneDNN; 576@14 at 2
-// threads 1.12 -> 1.46x). Spreading the prefetches over the channel vectors measured no better.
+// The first `vectors` (even) channel vectors of an output row, two at a time. Sliding rows (3x3
+// stride 1, and stride 2 without dilation) run pixel block outer, channel pairs inner: each
+// block reads its kh input rows as contiguous runs over all the pairs' channels, where a whole
+// row per pair reads R pixels at a stride of the pixel size. (1 thread, fp32, interleaved with
+// oneDNN: 576@14 N4 0.80 -> 0.95x, N8 0.61 -> 0.91x, 576@16 N8 0.52 -> 0.79x, 256@28 N8
+// 0.66 -> 0.84x; 144@56 and 32@112 unchanged.) 14- and 28-wide rows (AVX-512) run in blocks of
+// kPairW - 1 pixels that divide them, with no recomputed pixels of a shifted last block
+// (576@14 0.93 -> 0.98x oneDNN in float32); 7-wide rows are one such block. Only where the
+// narrower block still holds 14 accumulators; AVX2's would hold 6, fewer than its 2 pipes x 4
+// cycles of latency.
+template <typename in_t, typename out_t>
+__attribute__((always_inline)) inline void pair_rows(const DwForwardJob& j,
+                                                     const in_t* const* rows, int64_t in_px,
+                                                     int64_t vectors, out_t* out,
+                                                     int64_t out_px) {
+  const int64_t taps = j.kh * j.kw;
+  auto each_pair = [&](auto&& run) {
+    for (int64_t cb = 0; cb < vectors; cb += 2)
+      run(cb * kLanes, j.w + cb * taps * kLanes, block_bias(j, cb), block_bias(j, cb + 1));
+  };
+  constexpr int kNarrow = kPairW - 1;
+  if (j.sw == 1 && kNarrow >= 7 && j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0) {
+    for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow)
+      each_pair([&](int64_t c0, const float* w, V b0, V b1) {
+        sliding_block_at<in_t, out_t, true, 3, kNarrow, 2>(j, rows, c0, in_px, w, b0, ow0,
+                                                           out + c0, out_px, kLanes, b1);
+      });
+    return;
+  }
+  if (j.sw == 1) {  // dilated rows in runs of one phase, the last run shifted left
+    const int64_t span = kPairW * j.dw;
+    for (int64_t next = 0; next < j.Wo; next += span)
+      for (int64_t phase = 0; phase < j.dw; ++phase)
+        each_pair([&](int64_t c0, const float* w, V b0, V b1) {
+          sliding_block_at<in_t, out_t, true, 3, kPairW, 2>(
+              j, rows, c0, in_px, w, b0, std::min(next, j.Wo - span) + phase, out + c0, out_px,
+              kLanes, b1);
+        });
+    return;
+  }
+  // stride 2 without dilation slides too: 2R + 1 loads per row and vector instead of 3R
+  // (s2-144@56 channels_last, 2 threads: bf16 0.70 -> 0.80x oneDNN, fp32 0.83 -> 0.87)
+  if (j.sw == 2 && j.kw == 3 && j.dw == 1 && j.Wo >= kPairW) {
+    for (int64_t next = 0; next < j.Wo; next += kPairW)
+      each_pair([&](int64_t c0, const float* w, V b0, V b1) {
+        sliding_block_at<in_t, out_t, true, 3, kPairW, 2, 2>(
+            j, rows, c0, in_px, w, b0, std::min(next, j.Wo - kPairW), out + c0, out_px, kLanes,
+            b1);
+      });
+    return;
+  }
+  each_pair([&](int64_t c0, const float* w, V b0, V b1) {
+    switch (j.kw) {
+      case 3: return blocked_row_pair<in_t, out_t, 3>(j, rows, c0, in_px, w, b0, b1, out + c0, out_px);
+      case 5: return blocked_row_pair<in_t, out_t, 5>(j, rows, c0, in_px, w, b0, b1, out + c0, out_px);
+      case 7: return blocked_row_pair<in_t, out_t, 7>(j, rows, c0, in_px, w, b0, b1, out + c0, out_px);
+      default: return blocked_row_pair<in_t, out_t, 0>(j, rows, c0, in_px, w, b0, b1, out + c0, out_px);
+    }
+  });
+}
+
+// One output row over `blocks` channel vectors (+ a tail of nch_tail channels). With `pairs`,
+// full vectors go two at a time through pair_rows (in-process A/B, fp32 channels_last against
+// the single vectors, geomean over 3x3 s1, s2 and d4 layers at 1/2 threads and batch 1/suite:
+// 1.02-1.16 -> 1.06-1.40x oneDNN; 576@14 at 2 threads 1.12 -> 1.46x); the rest run one vector
+// at a time along the whole row. (Column tiles of 8-32 pixels sized for L1 measured slower at 2
+// threads than whole rows per pair, 0.87-0.92 vs 1.13-1.17 of oneDNN on 144@56, 1.02 vs 1.21
+// on d4-256@64; tiles of one sliding block, pair_rows' order, tie there and win on wide-channel
+// small maps: see pair_rows.)
+// The input rows that the next output row reads first (`ahead`, null-terminated, NHWC only)
+// are prefetched into L2: when the input does not fit in cache, each row's first use otherwise
+// stalls every channel vector on memory latency. Spreading the prefetches over the channel
+// vectors, prefetching the next pair's new row instead, or none at all measured no better.
 template <typename in_t, typename out_t>
 __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const in_t* const* rows,
                                                     int64_t in_px, int64_t blocks, int nch_tail,
@@ -574,10 +594,8 @@ __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const
   }
   int64_t cb = 0;
   if (pairs) {
-    for (; cb + 1 < blocks; cb += 2)
-      conv_row_pair<in_t, out_t>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
-                                 block_bias(j, cb), block_bias(j, cb + 1), out + cb * kLanes,
-                                 out_px);
+    cb = blocks / 2 * 2;
+    pair_rows<in_t, out_t>(j, rows, in_px, cb, out, out_px);
   }
   for (; cb < blocks; ++cb) {
     conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
