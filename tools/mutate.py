@@ -362,6 +362,8 @@ MUTANTS += [
            "for (int64_t next = lo; next + kBlockW <= hi; next += kBlockW) {", DWF_TESTS),
     Mutant("dwf-channel-tail-dropped", DWF, "  if (nch_tail) {", "  if (false && nch_tail) {",
            DWF_TESTS),
+    Mutant("dwf-bf16-store-swaps-channels-14-15", "csrc/cpu/depthwise_forward_avx512.cpp",
+           "(31 << 16) | 29,", "(29 << 16) | 31,", DWF_TESTS),
     Mutant("dwf-bf16-even-odd-store-swaps-halves", "csrc/cpu/depthwise_forward_avx512.cpp",
            "_mm512_mask_blend_epi16(0xAAAAAAAAu,", "_mm512_mask_blend_epi16(0x55555555u,", DWF_TESTS),
     Mutant("dwf-bf16-even-odd-odd-vector-loads-even", "csrc/cpu/depthwise_forward_avx512.cpp",
