@@ -326,6 +326,7 @@ MUTANTS = [
 # (the AVX-512 build runs its own tests only on a CPU that has it)
 DWF = "csrc/cpu/depthwise_forward_kernels.h"
 DWF_TESTS = ("tests/test_depthwise.py", "-k", "vectorized")
+DWF_AVX512 = "csrc/cpu/depthwise_forward_avx512.h"
 MUTANTS += [
     Mutant("dwf-interior-starts-one-column-early", "csrc/cpu/depthwise_forward.h",
            "const int64_t lo = std::clamp<int64_t>(j.inner_lo, 0, j.Wo);",
@@ -362,13 +363,20 @@ MUTANTS += [
            "for (int64_t next = lo; next + kBlockW <= hi; next += kBlockW) {", DWF_TESTS),
     Mutant("dwf-channel-tail-dropped", DWF, "  if (nch_tail) {", "  if (false && nch_tail) {",
            DWF_TESTS),
-    Mutant("dwf-bf16-store-swaps-channels-14-15", "csrc/cpu/depthwise_forward_avx512.cpp",
+    Mutant("dwf-bf16-store-swaps-channels-14-15", DWF_AVX512,
            "(31 << 16) | 29,", "(29 << 16) | 31,", DWF_TESTS),
-    Mutant("dwf-bf16-even-odd-store-swaps-halves", "csrc/cpu/depthwise_forward_avx512.cpp",
+    Mutant("dwf-bf16-even-odd-store-swaps-halves", DWF_AVX512,
            "_mm512_mask_blend_epi16(0xAAAAAAAAu,", "_mm512_mask_blend_epi16(0x55555555u,", DWF_TESTS),
-    Mutant("dwf-bf16-even-odd-odd-vector-loads-even", "csrc/cpu/depthwise_forward_avx512.cpp",
+    Mutant("dwf-bf16-even-odd-odd-vector-loads-even", DWF_AVX512,
            "odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));",
            "odd = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));", DWF_TESTS),
+    Mutant("dwf-bf16-native-store-flushes-denormals", DWF_AVX512,
+           "kNativeBf16Unexact = 0x01 | 0x20 | 0x80;", "kNativeBf16Unexact = 0x01 | 0x80;",
+           DWF_TESTS),
+    Mutant("dwf-bf16-native-store-keeps-nan-payloads", DWF_AVX512,
+           "kNativeBf16Unexact = 0x01 | 0x20 | 0x80;", "kNativeBf16Unexact = 0x20;", DWF_TESTS),
+    Mutant("dwf-bf16-native-pair-store-swaps-halves", DWF_AVX512,
+           "18, 2, 17, 1, 16, 0);", "2, 18, 1, 17, 0, 16);", DWF_TESTS),
     Mutant("dwf-bf16-even-odd-weights-in-channel-order", "csrc/cpu/depthwise_conv2d.cpp",
            "(cb & ~int64_t(1)) * lanes + 2 * l + (cb & 1)", "cb * lanes + l", DWF_TESTS),
     Mutant("dwf-pair-border-pixel-second-vector-first-weights", DWF,
