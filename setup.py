@@ -14,8 +14,7 @@ Environment knobs:
   SANITIZE=1              AddressSanitizer + UBSan build of the CPU kernels and the emulator
                           (CPU only; run with libasan preloaded, see .ci/run; the CPU depthwise
                           forward leaves out its AVX-512 build where this machine cannot run
-                          it, its baseline build where this machine runs AVX2, and always its
-                          AVX-512 BF16 build)
+                          it, and its baseline build where this machine runs AVX2)
   DEV_NO_AVX512=1         an ordinary build without the AVX-512 depthwise forward where this
                           machine cannot run it: a quicker rebuild while iterating on the CPU
                           depthwise forward (its costliest file); never for a release
@@ -148,9 +147,6 @@ def build_extensions():
         define_macros.append(("CONVOPS_DW_FORWARD_NO_AVX512", None))
     if sanitize:
         define_macros.append(("CONVOPS_DW_FORWARD_UNOPTIMIZED", None))  # see its header
-        # nor the AVX-512 BF16 build: the AVX-512 build's kernels with another bf16 store (the
-        # same addresses, one instruction), proven bit-identical to them by the tests
-        define_macros.append(("CONVOPS_DW_FORWARD_NO_AVX512BF16", None))
     if sanitize and _cpu_runs_avx2():
         # ... nor the baseline build where the AVX2 one runs (its tests never force another ISA;
         # each ISA file costs 5-6 minutes under ASan)

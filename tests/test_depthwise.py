@@ -95,12 +95,8 @@ def test_matches_conv2d_cpu(case):
 
 
 # --- CPU forward kernels (csrc/cpu/depthwise_forward.h): float32 and bfloat16, per ISA build ---
-# avx512bf16 is the avx512 build with native bf16 stores (its float32 kernels are avx512's, run
-# here again through its dispatch table)
-CPU_ISAS = ["avx512bf16", "avx512", "avx2", "baseline"]
-AVX512_ISAS = ("avx512bf16", "avx512")
-_AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
-_ISA_FLAGS = {"avx512bf16": _AVX512_FLAGS | {"avx512_bf16"}, "avx512": _AVX512_FLAGS,
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+_ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
               "avx2": {"avx2", "fma", "f16c", "bmi2"}, "baseline": set()}
 
 
@@ -248,7 +244,7 @@ def _vector_layout(case, isa):
         return "nchw"
     span = (case["kernel"][0] - 1) * case["dilation"][0] + 1
     stride1 = case["stride"][0] == 1
-    if isa in AVX512_ISAS:
+    if isa == "avx512":
         ring = stride1 and (span >= 9 if case["dtype"] == torch.float32 else case["kernel"][0] >= 9)
     else:
         ring = case["dtype"] == torch.bfloat16 or (stride1 and span >= 7)
@@ -297,7 +293,7 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
             outs.append(convops.depthwise_conv2d(x, w, b, 1, 1))
             layout, isa = _last_forward_path().split("/")
             # bf16 NHWC 3x3 takes the ring below AVX-512 (the rule: _vector_layout)
-            ring = dtype == torch.bfloat16 and isa not in AVX512_ISAS
+            ring = dtype == torch.bfloat16 and isa != "avx512"
             assert layout == (("nhwc-ring" if ring else "nhwc-pairs") if channels_last
                               else "nchw")
     finally:
@@ -354,7 +350,7 @@ def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
     before = _C.cpu_path_counts().get(key, 0)
     out = convops.depthwise_conv2d(x, w, b, *args)
     assert _last_forward_path() == "nhwc-pairs/" + isa
-    even_odd = dtype == torch.bfloat16 and isa in AVX512_ISAS and case["channels"] % 32 == 0
+    even_odd = dtype == torch.bfloat16 and isa == "avx512" and case["channels"] % 32 == 0
     assert _C.cpu_path_counts().get(key, 0) - before == int(even_odd)
     ref = reference(x.double(), w.double(), b.double(), *args)
     assert_close(out, ref, dtype, f"forward, nhwc pairs, {isa}, seed {stable_seed(case)}")
@@ -406,16 +402,17 @@ def test_vectorized_forward_wide_sliding(case, dtype, layout, isa, monkeypatch):
     assert_close(out, ref, dtype, f"forward, wide sliding, {layout}, {isa}, seed {stable_seed(case)}")
 
 
-# The AVX-512 BF16 build rounds its bf16 stores with vcvtneps2bf16, which flushes float32
-# denormals to zero and keeps NaN payloads where c10 keeps denormals and writes 0x7FC0; vectors
-# holding either take the emulated rounding. Its bits must be the AVX-512 and AVX2 builds' on
-# every store path: NCHW, the NHWC ring, NHWC in place in channel order (17 channels: one vector
-# with a tail; 48: a pair and a single vector) and in even / odd pairs (64).
+# On CPUs with AVX512_BF16 the AVX-512 build rounds its bf16 stores with vcvtneps2bf16, which
+# flushes float32 denormals to zero and keeps NaN payloads where c10 keeps denormals and writes
+# 0x7FC0; vectors holding either take the emulated rounding. Its bits must be the AVX2 and
+# baseline builds' on every store path: NCHW, the NHWC ring, NHWC in place in channel order (17
+# channels: one vector with a tail; 48: a pair and a single vector) and in even / odd pairs (64).
+# On other AVX-512 CPUs this checks the emulated store alone.
 @pytest.mark.parametrize("layout", ["nchw", "nhwc-ring", "nhwc-inplace"])
 @pytest.mark.parametrize("channels", [17, 48, 64])
-def test_vectorized_forward_avx512bf16_stores_bit_identical(channels, layout, monkeypatch):
+def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, monkeypatch):
     from convops import _C
-    _require_isa("avx512bf16")
+    _require_isa("avx512")
     cl = layout != "nchw"
     if cl:
         monkeypatch.setenv("CONVOPS_CPU_NHWC", layout.split("-")[1])
@@ -432,23 +429,24 @@ def test_vectorized_forward_avx512bf16_stores_bit_identical(channels, layout, mo
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(channels, 1, 3, 3, generator=g) * 0.5).bfloat16()
+    others = ["avx2"] + (["baseline"] if _isa_built("baseline") else [])  # (sanitized builds)
     outs = {}
-    for isa in ("avx512bf16", "avx512", "avx2"):
+    for isa in ["avx512"] + others:
         monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
         even_odd_key = "depthwise_forward_bf16_even_odd:" + isa
         before = _C.cpu_path_counts().get(even_odd_key, 0)
         outs[isa] = convops.depthwise_conv2d(x, w, None, 1, 1).view(torch.int16)
         path, ran = _last_forward_path().split("/")
         assert ran == isa and path.startswith(layout.replace("-inplace", "")), (isa, path)
-        even_odd = isa in AVX512_ISAS and layout == "nhwc-inplace" and channels == 64
+        even_odd = isa == "avx512" and layout == "nhwc-inplace" and channels == 64
         assert _C.cpu_path_counts().get(even_odd_key, 0) - before == int(even_odd)
-    out = outs["avx512bf16"]
+    out = outs["avx512"]
     denormal = ((out & 0x7F80) == 0) & ((out & 0x7F) != 0)
     nan = ((out & 0x7F80) == 0x7F80) & ((out & 0x7F) != 0)
     assert denormal.sum() > 1000 and nan.sum() > 100, (int(denormal.sum()), int(nan.sum()))
-    for isa in ("avx512", "avx2"):
+    for isa in others:
         differ = (out != outs[isa]).nonzero()
-        assert differ.numel() == 0, f"avx512bf16 differs from {isa} at {differ[:4].tolist()}"
+        assert differ.numel() == 0, f"avx512 differs from {isa} at {differ[:4].tolist()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

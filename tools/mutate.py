@@ -326,7 +326,7 @@ MUTANTS = [
 # (the AVX-512 build runs its own tests only on a CPU that has it)
 DWF = "csrc/cpu/depthwise_forward_kernels.h"
 DWF_TESTS = ("tests/test_depthwise.py", "-k", "vectorized")
-DWF_AVX512 = "csrc/cpu/depthwise_forward_avx512.h"
+DWF_AVX512 = "csrc/cpu/depthwise_forward_avx512.cpp"
 MUTANTS += [
     Mutant("dwf-interior-starts-one-column-early", "csrc/cpu/depthwise_forward.h",
            "const int64_t lo = std::clamp<int64_t>(j.inner_lo, 0, j.Wo);",
@@ -371,10 +371,10 @@ MUTANTS += [
            "odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));",
            "odd = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));", DWF_TESTS),
     Mutant("dwf-bf16-native-store-flushes-denormals", DWF_AVX512,
-           "kNativeBf16Unexact = 0x01 | 0x20 | 0x80;", "kNativeBf16Unexact = 0x01 | 0x80;",
+           "kBf16ConvertUnexact = 0x01 | 0x20 | 0x80;", "kBf16ConvertUnexact = 0x01 | 0x80;",
            DWF_TESTS),
     Mutant("dwf-bf16-native-store-keeps-nan-payloads", DWF_AVX512,
-           "kNativeBf16Unexact = 0x01 | 0x20 | 0x80;", "kNativeBf16Unexact = 0x20;", DWF_TESTS),
+           "kBf16ConvertUnexact = 0x01 | 0x20 | 0x80;", "kBf16ConvertUnexact = 0x20;", DWF_TESTS),
     Mutant("dwf-bf16-native-pair-store-swaps-halves", DWF_AVX512,
            "18, 2, 17, 1, 16, 0);", "2, 18, 1, 17, 0, 16);", DWF_TESTS),
     Mutant("dwf-bf16-even-odd-weights-in-channel-order", "csrc/cpu/depthwise_conv2d.cpp",

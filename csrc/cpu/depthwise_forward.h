@@ -33,10 +33,8 @@
 // the output row, and the weights packed per channel block as [block][tap][kLanes] floats.
 //
 // Every output element is summed in one fixed order (taps in row-major order) whatever the
-// thread count: deterministic. The ISA is chosen at run time (AVX-512 with AVX512_BF16, AVX-512,
-// AVX2+FMA, SSE2; the first differs from the second only in its bf16 store, with identical
-// results); CONVOPS_CPU_ISA=avx512bf16|avx512|avx2|baseline forces one (a missing ISA falls back
-// to the next).
+// thread count: deterministic. The ISA is chosen at run time (AVX-512, AVX2+FMA, SSE2);
+// CONVOPS_CPU_ISA=avx512|avx2|baseline forces one (a missing ISA falls back to the next).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -127,27 +125,10 @@ struct DwForwardIsa {
 #ifdef CONVOPS_DW_FORWARD_X86
 
 // One build of cpu/depthwise_forward_kernels.h per ISA, each in its own translation unit
-// (depthwise_forward_{avx512bf16,avx512,avx2,baseline}.cpp): they are the slowest files of the
-// build to compile, and apart they compile in parallel.
+// (depthwise_forward_{avx512,avx2,baseline}.cpp): they are the slowest files of the build to
+// compile, and apart they compile in parallel.
 #ifndef CONVOPS_DW_FORWARD_NO_AVX512  // defined by sanitized builds on machines without it
 namespace dw_avx512 { extern const DwForwardIsa kIsa; }
-#else
-#define CONVOPS_DW_FORWARD_NO_AVX512BF16
-#endif
-#ifndef CONVOPS_DW_FORWARD_NO_AVX512BF16  // and by every sanitized build (setup.py)
-namespace dw_avx512bf16 { extern const DwForwardIsa kIsa; }  // its bf16 entries only
-
-// The AVX-512 BF16 build's bf16 kernels with the AVX-512 build's float32 ones.
-inline const DwForwardIsa* depthwise_forward_avx512bf16() {
-  static const DwForwardIsa merged = [] {
-    DwForwardIsa isa = dw_avx512bf16::kIsa;
-    isa.nhwc_f32 = dw_avx512::kIsa.nhwc_f32;
-    isa.nhwc_ring_f32 = dw_avx512::kIsa.nhwc_ring_f32;
-    isa.nchw_f32 = dw_avx512::kIsa.nchw_f32;
-    return isa;
-  }();
-  return &merged;
-}
 #endif
 namespace dw_avx2 { extern const DwForwardIsa kIsa; }
 #ifndef CONVOPS_DW_FORWARD_NO_BASELINE  // defined by sanitized builds on machines with AVX2
@@ -161,15 +142,8 @@ inline const DwForwardIsa* depthwise_forward_isa() {
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
                                __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2");
-  [[maybe_unused]] static const bool has_avx512bf16 =
-      has_avx512 && __builtin_cpu_supports("avx512bf16");
-  [[maybe_unused]] const bool want_avx512 = env_is("CONVOPS_CPU_ISA", "avx512");
   [[maybe_unused]] const bool want_avx2 = env_is("CONVOPS_CPU_ISA", "avx2");
   const bool want_base = env_is("CONVOPS_CPU_ISA", "baseline");
-#ifndef CONVOPS_DW_FORWARD_NO_AVX512BF16
-  if (has_avx512bf16 && !want_avx512 && !want_avx2 && !want_base)
-    return depthwise_forward_avx512bf16();
-#endif
 #ifndef CONVOPS_DW_FORWARD_NO_AVX512
   if (has_avx512 && !want_avx2 && !want_base) return &dw_avx512::kIsa;
 #endif

@@ -6,15 +6,111 @@
 namespace convops {
 namespace cpu {
 
+// Whether this CPU has AVX512_BF16's float32 -> bf16 conversions (used below). Outside the
+// target pragma: it runs when the library loads, on any CPU.
+static const bool kCpuHasBf16Convert = [] {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") != 0;
+}();
+
 // GCC 12's AVX-512 intrinsics trip -Wmaybe-uninitialized on their own _mm512_undefined_*.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
 namespace dw_avx512 {
-#define DWF_NATIVE_BF16_STORE 0
-#include "cpu/depthwise_forward_avx512.h"
-#undef DWF_NATIVE_BF16_STORE
+using V = __m512;
+constexpr int kLanes = 16;
+constexpr int kBlockW = 8, kVecRegs = 32;
+constexpr const char* kIsaName = "avx512";
+#define DWF_HAS_TRANSPOSE8 1
+inline V vset1(float x) { return _mm512_set1_ps(x); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline V vload(const c10::BFloat16* p) {
+  return _mm512_castsi512_ps(
+      _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+// Where the CPU has AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4), bf16 stores round with
+// vcvtneps2bf16: round to nearest even as c10, but float32 denormals flush to zero and NaN
+// payloads are kept, so vectors holding either (rare) take the emulated rounding below and the
+// bits stay those of every other build. One conversion and one class test in place of 7 ALU ops
+// per stored vector (A/B, 2 threads, N4 bf16 channels_last against oneDNN: 144@56 0.89-0.91 ->
+// 0.93-0.94x, s2-144@56 0.86 -> 0.89-0.90x, 240@28 k5 0.94-0.95 -> 0.97x, 32@112 (even / odd
+// pairs) 1.00-1.01 -> 1.11-1.12x, 576@14 1.08 -> 1.11-1.12x). Chosen at run time, so the
+// instructions are inline assembly: this file is compiled for x86-64-v4, which lacks them (a
+// build of its own with them, tried first, cost 10 more CPU minutes of compiling).
+constexpr int kBf16ConvertUnexact = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, denormal, SNaN
+inline bool bf16_convert_exact(V v) {
+  return kCpuHasBf16Convert && _mm512_fpclass_ps_mask(v, kBf16ConvertUnexact) == 0;
+}
+// v's bits rounded to nearest even at bit 16 (c10's rule: the bf16 is the high half); NaN ->
+// 0x7FC0. Shared by the channel-order store below and the even / odd pair store.
+inline __m512i bf16_rounded_high(V v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7FC00000));
+}
+// The rounded bf16 are the odd (high) words; one word permute gathers them into the low 256 bits,
+// in place of a shift and a narrowing vpmovdw (A/B, 1 thread, bf16 channels_last against oneDNN:
+// 144@56 0.80-0.84 -> 0.87-0.88x, s2-144@56 0.70-0.71 -> 0.76-0.77x, 240@28 k5 0.87 -> 0.90x).
+// Widening loads through a word permute instead of vpmovzxwd + shift measured slower on 5x5 and
+// 7x7 (240@28 0.88 -> 0.79x) and was not kept.
+inline void vstore(c10::BFloat16* p, V v) {
+  if (__builtin_expect(bf16_convert_exact(v), 1)) {
+    __m256i r;
+    asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+    _mm256_storeu_si256((__m256i*)p, r);
+    return;
+  }
+  const __m512i odd_words = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, (31 << 16) | 29,
+                                             (27 << 16) | 25, (23 << 16) | 21, (19 << 16) | 17,
+                                             (15 << 16) | 13, (11 << 16) | 9, (7 << 16) | 5,
+                                             (3 << 16) | 1);
+  const __m512i r = _mm512_permutexvar_epi16(odd_words, bf16_rounded_high(v));
+  _mm256_storeu_si256((__m256i*)p, _mm512_castsi512_si256(r));
+}
+#include "cpu/depthwise_forward_x86_8.h"
+
+// bf16 channel pairs (NHWC in place), even / odd: a pair's 32 bf16 channels are one 64-byte load,
+// and each 32-bit word of it holds channels 2i (low half) and 2i + 1 (high half), so a shift
+// widens the even channels and a mask the odd ones: 2 ALU ops per pair, against 2 widening
+// loads and 2 shifts in channel order. The store rounds both vectors (as vstore) and interleaves
+// their halves back with one word blend. The pair's weights and bias are packed in the same
+// order (cpu/depthwise_conv2d.cpp), so each channel sums the same terms in the same order:
+// results identical to the channel-order kernels. Used where every pair is one cache line
+// (channels a multiple of 32; the rule and its measurements are in depthwise_conv2d.cpp).
+struct PairedBF16 : c10::BFloat16 {
+  PairedBF16() = default;
+  PairedBF16(float f) : c10::BFloat16(f) {}  // NOLINT: converts like c10::BFloat16
+};
+constexpr bool pair_loads_together(const PairedBF16*) { return true; }
+inline void vload_pair(const PairedBF16* p, V& even, V& odd) {
+  const __m512i u = _mm512_loadu_si512(p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+inline void vstore_pair(PairedBF16* p, V even, V odd) {
+  if (__builtin_expect(bf16_convert_exact(even) && bf16_convert_exact(odd), 1)) {
+    __m512i halves;  // even channels in words 0-15, odd ones in 16-31; the permute interleaves
+    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(halves) : "v"(odd), "v"(even));
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                                25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                                18, 2, 17, 1, 16, 0);
+    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, halves));
+    return;
+  }
+  const __m512i low = _mm512_srli_epi32(bf16_rounded_high(even), 16);
+  _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, low, bf16_rounded_high(odd)));
+}
+#define DWF_PAIRED_BF16 1
+
+#include "cpu/depthwise_forward_kernels.h"
+#undef DWF_PAIRED_BF16
+#undef DWF_HAS_TRANSPOSE8
 }  // namespace dw_avx512
 #pragma GCC pop_options
 #pragma GCC diagnostic pop

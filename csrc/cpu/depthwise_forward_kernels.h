@@ -803,22 +803,15 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
   }
 }
 
-// A build that holds only bf16 kernels (DWF_BF16_ONLY: AVX-512 BF16, whose float32 kernels are
-// the AVX-512 build's) leaves its float32 entries null, and they are not compiled.
-#ifdef DWF_BF16_ONLY
-#define DWF_FLOAT32_KERNEL(k) nullptr
-#else
-#define DWF_FLOAT32_KERNEL(k) k
-#endif
 const DwForwardIsa kIsa{kIsaName,
                         kLanes,
                         kPairW,
                         kPairB,
-                        DWF_FLOAT32_KERNEL(nhwc_rows<float>),
+                        nhwc_rows<float>,
                         nhwc_rows<c10::BFloat16>,
-                        DWF_FLOAT32_KERNEL(nhwc_ring_rows<float>),
+                        nhwc_ring_rows<float>,
                         nhwc_ring_rows<c10::BFloat16>,
-                        DWF_FLOAT32_KERNEL(nchw_tasks<float>),
+                        nchw_tasks<float>,
                         nchw_tasks<c10::BFloat16>,
 #ifdef DWF_PAIRED_BF16
                         nhwc_rows<PairedBF16>
@@ -826,4 +819,3 @@ const DwForwardIsa kIsa{kIsaName,
                         nullptr
 #endif
 };
-#undef DWF_FLOAT32_KERNEL
