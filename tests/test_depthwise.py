@@ -96,6 +96,7 @@ def test_matches_conv2d_cpu(case):
 
 # --- CPU forward kernels (csrc/cpu/depthwise_forward.h): float32 and bfloat16, per ISA build ---
 CPU_ISAS = ["avx512", "avx2", "baseline"]
+_ISA_LANES = {"avx512": 16, "avx2": 8, "baseline": 4}
 _ISA_FLAGS = {"avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq"},
               "avx2": {"avx2", "fma", "f16c", "bmi2"}, "baseline": set()}
 
@@ -447,6 +448,55 @@ def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, m
     for isa in others:
         differ = (out != outs[isa]).nonzero()
         assert differ.numel() == 0, f"avx512 differs from {isa} at {differ[:4].tolist()}"
+
+
+# NHWC channel tails (channels not a multiple of the vector width) move through lane masks on
+# AVX-512 (float and bf16) and AVX2 (float), element by element on the baseline build. On every
+# row kernel that takes tails (3x3 / 5x5 / 7x7 sliding blocks, stride 2, dilated phases, wide 9x9
+# blocks, in place and on the ring), in every build: outputs match float64 with every lane
+# written (outputs are poisoned with NaN), and where the tail's vector runs the same row kernel
+# as a full vector would (an even number of full vectors before it, so no pair takes it), its
+# bits equal those of the same channels computed as a full vector (the input padded with extra
+# channels up to a whole number of vectors). Channels 7, 41, 72: AVX-512 tails of 7, 9 and 8 lanes after 0, 2, 4 full vectors;
+# AVX2 tails of 7 and 1 lanes, or none.
+@pytest.mark.parametrize("layout", ["nhwc-ring", "nhwc-inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [7, 41, 72])
+def test_vectorized_forward_nhwc_channel_tails(channels, dtype, layout, monkeypatch):
+    from convops import _C
+    _require_isa("avx2")
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", layout.split("-")[1])
+    isas = [i for i in CPU_ISAS if not (_ISA_FLAGS[i] - _cpu_flags()) and _isa_built(i)]
+    g = torch.Generator().manual_seed(1417 + channels)
+    pad = 16  # extra channels, enough to fill the tail's vector on every ISA
+    xp = torch.randn(2, channels + pad, 19, 26, generator=g).to(dtype)
+    xp = xp.contiguous(memory_format=torch.channels_last)
+    bp = torch.randn(channels + pad, generator=g).to(dtype)
+    x, b = xp[:, :channels].contiguous(memory_format=torch.channels_last), bp[:channels]
+    checked_bits = 0
+    for k, stride, dil in [(3, 1, 1), (5, 1, 1), (7, 1, 1), (3, 2, 1), (3, 1, 2), (9, 1, 1)]:
+        wp = (torch.randn(channels + pad, 1, k, k, generator=g) * 0.3).to(dtype)
+        w = wp[:channels]
+        args = (stride, dil * (k // 2), dil)
+        what = f"tails, C{channels}, k{k} s{stride} d{dil}, {layout}"
+        ref = reference(x.double(), w.double(), b.double(), *args)
+        for isa in isas:
+            monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+            key = "depthwise_forward_nhwc_tail:" + isa
+            before = _C.cpu_path_counts().get(key, 0)
+            out = convops.depthwise_conv2d(x, w, b, *args)
+            assert _last_forward_path().split("/")[1] == isa
+            lanes = _ISA_LANES[isa]
+            tail = channels % lanes != 0
+            assert _C.cpu_path_counts().get(key, 0) - before == int(tail), (isa, k, stride, dil)
+            assert_close(out, ref, dtype, f"{what}, {isa}")
+            if tail and (channels // lanes) % 2 == 0:
+                c = channels + lanes - channels % lanes
+                full = convops.depthwise_conv2d(xp[:, :c], wp[:c], bp[:c], *args)[:, :channels]
+                differ = (out != full).nonzero()
+                assert differ.numel() == 0, f"{what}, {isa}: tail differs at {differ[:4].tolist()}"
+                checked_bits += 1
+    assert checked_bits >= 6  # AVX2 alone: 7 channels on all six geometries
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -489,6 +489,8 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
     if (dw_seven_wide(j)) count_path(std::string("depthwise_forward_seven_wide:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);
+    // NHWC channel tails (masked moves on AVX-512 and AVX2 float, element by element otherwise)
+    if (cl && g.C % lanes != 0) count_path(std::string("depthwise_forward_nhwc_tail:") + isa->name);
     return true;
   }
 }

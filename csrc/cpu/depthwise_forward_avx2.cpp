@@ -21,6 +21,13 @@ inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vload(const c10::BFloat16* p) { return load8(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
 inline void vstore(c10::BFloat16* p, V v) { store8(p, v); }
+// float channel tails (the first n < 8 lanes) through a lane mask, as in the AVX-512 build;
+// bf16 tails take the kernels header's generic ones (AVX2 has no 16-bit masked moves).
+inline __m256i first_lanes(int n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline V vload_part(const float* p, int n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+inline void vstore_part(float* p, V v, int n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
 #include "cpu/depthwise_forward_kernels.h"
 #undef DWF_HAS_TRANSPOSE8
 }  // namespace dw_avx2

@@ -59,19 +59,35 @@ inline __m512i bf16_rounded_high(V v) {
 // 144@56 0.80-0.84 -> 0.87-0.88x, s2-144@56 0.70-0.71 -> 0.76-0.77x, 240@28 k5 0.87 -> 0.90x).
 // Widening loads through a word permute instead of vpmovzxwd + shift measured slower on 5x5 and
 // 7x7 (240@28 0.88 -> 0.79x) and was not kept.
-inline void vstore(c10::BFloat16* p, V v) {
+// v rounded to 16 bf16 (c10's bits), as a 256-bit vector.
+inline __m256i bf16_rounded(V v) {
   if (__builtin_expect(bf16_convert_exact(v), 1)) {
     __m256i r;
     asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
-    _mm256_storeu_si256((__m256i*)p, r);
-    return;
+    return r;
   }
   const __m512i odd_words = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, (31 << 16) | 29,
                                              (27 << 16) | 25, (23 << 16) | 21, (19 << 16) | 17,
                                              (15 << 16) | 13, (11 << 16) | 9, (7 << 16) | 5,
                                              (3 << 16) | 1);
-  const __m512i r = _mm512_permutexvar_epi16(odd_words, bf16_rounded_high(v));
-  _mm256_storeu_si256((__m256i*)p, _mm512_castsi512_si256(r));
+  return _mm512_castsi512_si256(_mm512_permutexvar_epi16(odd_words, bf16_rounded_high(v)));
+}
+inline void vstore(c10::BFloat16* p, V v) { _mm256_storeu_si256((__m256i*)p, bf16_rounded(v)); }
+// Channel tails (the first n < 16 lanes) through a lane mask: masked-off lanes are neither read
+// nor written (and cannot fault), and the kept lanes get the same arithmetic, so results equal
+// the generic tails' of the kernels header, which go through a stack buffer one element at a
+// time. That buffer made a tail vector cost several full ones: 24@56 k3 fp32 channels_last (one
+// vector + an 8-channel tail) ran at 0.35x oneDNN, 0.051 ms instead of 0.233 ms (1.59x) with
+// masks; 72@56 k3 0.50 -> 1.21x, 40@28 k5 0.59 -> 1.88x, 120@28 k5 0.72 -> 1.44x (2 threads).
+inline __mmask16 first_lanes(int n) { return static_cast<__mmask16>((1u << n) - 1); }
+inline V vload_part(const float* p, int n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+inline V vload_part(const c10::BFloat16* p, int n) {
+  const __m256i h = _mm256_maskz_loadu_epi16(first_lanes(n), p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline void vstore_part(float* p, V v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
+inline void vstore_part(c10::BFloat16* p, V v, int n) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), bf16_rounded(v));
 }
 #include "cpu/depthwise_forward_x86_8.h"
 

@@ -15,7 +15,8 @@
 #endif
 
 // The first n lanes of a vector from / to memory (channel tails), through an aligned stack
-// buffer; the other lanes load as zero.
+// buffer; the other lanes load as zero. An ISA with masked moves defines exact overloads for its
+// element types (AVX-512: float and bf16, AVX2: float), which overload resolution prefers.
 template <typename T>
 inline V vload_part(const T* p, int n) {
   alignas(sizeof(V)) float t[kLanes] = {};
@@ -173,9 +174,13 @@ __attribute__((always_inline)) inline void pixel_single(const DwForwardJob& j,
 // pointer (per-tap address registers spilled in the profile). With dilation the block's pixels
 // are dw apart (one phase of the row), which is what makes their windows overlap. kChecked
 // blocks touch the border: columns outside the image are skipped, issuing no FMA, so borders
-// run at the interior's speed.
+// run at the interior's speed. kHold keeps each loaded column in a register: without it GCC
+// folds the float load into every FMA that uses it (a memory operand each), undoing the sliding
+// (2 threads, fp32 channels_last, oneDNN / convops: 32@112 0.87-0.89 -> 1.07-1.13x, 144@56
+// 0.89 -> 1.10, 576@14 1.22-1.27 -> 1.47-1.54; neutral on 5x5, 7x7 and stride 2). Dilated
+// single-vector rows go without: held, d4-256@64 ran 5% slower.
 template <typename in_t, typename out_t, bool kFull, int KW, int R, bool kChecked, int CV = 1,
-          int S = 1>
+          int S = 1, bool kHold = true>
 __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
                                                          const in_t* const* rows, int64_t c0,
                                                          int64_t in_px, const float* w, V bias,
@@ -207,8 +212,10 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
       if constexpr (CV == 2 && kPairLoadsTogether<in_t>) vload_pair(p, v[0], v[1]);
 #pragma GCC unroll 2
       for (int h = 0; h < CV; ++h) {
-        if constexpr (!(CV == 2 && kPairLoadsTogether<in_t>))
+        if constexpr (!(CV == 2 && kPairLoadsTogether<in_t>)) {
           v[h] = kFull ? vload(p + h * kLanes) : vload_part(p, nch);
+          if constexpr (kHold) asm("" : "+v"(v[h]));  // an opaque use: one load, in a register
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           const int kx = q - r * S;  // the tap of pixel r that reads column q
@@ -226,7 +233,8 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
   }
 }
 
-template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1, int S = 1>
+template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1, int S = 1,
+          bool kHold = true>
 __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& j,
                                                             const in_t* const* rows, int64_t c0,
                                                             int64_t in_px, const float* w, V bias,
@@ -234,10 +242,10 @@ __attribute__((always_inline)) inline void sliding_block_at(const DwForwardJob& 
                                                             int64_t out_px, int nch,
                                                             V bias_hi = V()) {
   if (ow0 >= j.inner_lo && ow0 + (R - 1) * j.dw < j.inner_hi)
-    sliding_block<in_t, out_t, kFull, KW, R, false, CV, S>(j, rows, c0, in_px, w, bias, ow0,
+    sliding_block<in_t, out_t, kFull, KW, R, false, CV, S, kHold>(j, rows, c0, in_px, w, bias, ow0,
                                                            out, out_px, nch, bias_hi);
   else
-    sliding_block<in_t, out_t, kFull, KW, R, true, CV, S>(j, rows, c0, in_px, w, bias, ow0,
+    sliding_block<in_t, out_t, kFull, KW, R, true, CV, S, kHold>(j, rows, c0, in_px, w, bias, ow0,
                                                           out, out_px, nch, bias_hi);
 }
 
@@ -258,16 +266,27 @@ __attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
     int64_t next = 0;
     for (const int64_t wide_span = kWide * j.dw; j.Wo - next >= wide_span; next += wide_span)
       for (int64_t phase = 0; phase < j.dw; ++phase)
-        sliding_block_at<in_t, out_t, kFull, KW, kWide>(j, rows, c0, in_px, w, bias,
-                                                        next + phase, out, out_px, nch);
+        sliding_block_at<in_t, out_t, kFull, KW, kWide, 1, 1, false>(
+            j, rows, c0, in_px, w, bias, next + phase, out, out_px, nch);
     const int64_t span = kBlockW * j.dw;
     for (; next < j.Wo; next += span) {
       const int64_t ow0 = std::min(next, j.Wo - span);
       for (int64_t phase = 0; phase < j.dw; ++phase)
-        sliding_block_at<in_t, out_t, kFull, KW, kBlockW>(j, rows, c0, in_px, w, bias,
-                                                          ow0 + phase, out, out_px, nch);
+        sliding_block_at<in_t, out_t, kFull, KW, kBlockW, 1, 1, false>(
+            j, rows, c0, in_px, w, bias, ow0 + phase, out, out_px, nch);
     }
     return;
+  }
+  // 14- and 28-wide rows (AVX-512) in blocks of 14 that divide them: blocks of 16 and 8 computed
+  // 16 pixels for 14 and 32 for 28 (the last block shifted left)
+  constexpr int kFourteen = 14;
+  if constexpr (kWide >= kFourteen) {
+    if (j.Wo % kFourteen == 0 && j.Wo % kBlockW != 0) {
+      for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kFourteen)
+        sliding_block_at<in_t, out_t, kFull, KW, kFourteen>(j, rows, c0, in_px, w, bias, ow0,
+                                                            out, out_px, nch);
+      return;
+    }
   }
   int64_t ow = 0;
   for (; j.Wo - ow >= kWide; ow += kWide)
