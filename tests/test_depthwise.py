@@ -336,9 +336,9 @@ PAIR_CASES = [
 @pytest.mark.parametrize("case", PAIR_CASES, ids=lambda c: (
     f"C{c['channels']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}").replace(" ", ""))
 def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
-    """With AVX-512, bf16 pairs of channel counts that are a multiple of 32 run with even
-    channels in one vector and odd ones in the other (weights and bias packed to match):
-    asserted to have run, and to give exactly what the channel-order pair kernels give
+    """With AVX-512, bf16 pairs run with even channels in one vector and odd ones in the other
+    (weights and bias packed to match; single vectors and tails after the pairs in channel
+    order): asserted to have run, and to give exactly what the channel-order pair kernels give
     (CONVOPS_CPU_BF16_EVEN_ODD=0)."""
     from convops import _C
     _require_isa(isa)
@@ -351,7 +351,7 @@ def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
     before = _C.cpu_path_counts().get(key, 0)
     out = convops.depthwise_conv2d(x, w, b, *args)
     assert _last_forward_path() == "nhwc-pairs/" + isa
-    even_odd = dtype == torch.bfloat16 and isa == "avx512" and case["channels"] % 32 == 0
+    even_odd = dtype == torch.bfloat16 and isa == "avx512"
     assert _C.cpu_path_counts().get(key, 0) - before == int(even_odd)
     ref = reference(x.double(), w.double(), b.double(), *args)
     assert_close(out, ref, dtype, f"forward, nhwc pairs, {isa}, seed {stable_seed(case)}")
@@ -407,9 +407,10 @@ def test_vectorized_forward_wide_sliding(case, dtype, layout, isa, monkeypatch):
 # flushes float32 denormals to zero and keeps NaN payloads where c10 keeps denormals and writes
 # 0x7FC0; vectors holding either take the emulated rounding. Its bits must be the AVX2 and
 # baseline builds' on every store path: NCHW, the NHWC ring, NHWC in place in channel order (17
-# channels: one vector with a tail; 48: a pair and a single vector) and in even / odd pairs (64).
-# On other AVX-512 CPUs this checks the emulated store alone.
-@pytest.mark.parametrize("layout", ["nchw", "nhwc-ring", "nhwc-inplace"])
+# channels: one vector with a tail; pairs with CONVOPS_CPU_BF16_EVEN_ODD=0) and in even / odd
+# pairs (48: a pair and a single vector, 64: two pairs). On other AVX-512 CPUs this checks the
+# emulated store alone.
+@pytest.mark.parametrize("layout", ["nchw", "nhwc-ring", "nhwc-inplace", "nhwc-inplace-channel-order"])
 @pytest.mark.parametrize("channels", [17, 48, 64])
 def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, monkeypatch):
     from convops import _C
@@ -417,6 +418,8 @@ def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, m
     cl = layout != "nchw"
     if cl:
         monkeypatch.setenv("CONVOPS_CPU_NHWC", layout.split("-")[1])
+    if layout.endswith("channel-order"):
+        monkeypatch.setenv("CONVOPS_CPU_BF16_EVEN_ODD", "0")
     g = torch.Generator().manual_seed(1416)
     x = torch.randn(2, channels, 20, 37, generator=g).bfloat16()
     bits = x.view(torch.int16)
@@ -438,8 +441,8 @@ def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, m
         before = _C.cpu_path_counts().get(even_odd_key, 0)
         outs[isa] = convops.depthwise_conv2d(x, w, None, 1, 1).view(torch.int16)
         path, ran = _last_forward_path().split("/")
-        assert ran == isa and path.startswith(layout.replace("-inplace", "")), (isa, path)
-        even_odd = isa == "avx512" and layout == "nhwc-inplace" and channels == 64
+        assert ran == isa and path.startswith(layout.split("-inplace")[0]), (isa, path)
+        even_odd = isa == "avx512" and layout == "nhwc-inplace" and channels > 32
         assert _C.cpu_path_counts().get(even_odd_key, 0) - before == int(even_odd)
     out = outs["avx512"]
     denormal = ((out & 0x7F80) == 0) & ((out & 0x7F) != 0)

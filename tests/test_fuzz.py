@@ -128,10 +128,11 @@ def depthwise_forward_problem(draw):
     """The CPU depthwise forward's vectorized paths (float32/bfloat16, NCHW any multiplier,
     NHWC multiplier 1 in place and on the row ring): filters up to 7x7, and rows up to 13 wide
     (the wide sliding blocks of filters 8 or more wide), strides and dilations 1-3, padding up
-    to the filter's size, 1-80 channels (vector tails and pairs; 32 and 64 often: AVX-512's
-    bf16 even / odd pairs), maps up to 40x48, and which
-    NHWC path runs (the rule's or a forced one)."""
-    kh, kw = draw(st.integers(1, 7)), draw(st.integers(1, 7) | st.integers(8, 13))
+    to the filter's size, 1-80 channels (vector tails and pairs; 32 and 64 often), maps up to
+    40x48, which NHWC path runs (the rule's or a forced one), and whether AVX-512's bf16 pairs
+    run in even / odd order (the rule) or in channel order (CONVOPS_CPU_BF16_EVEN_ODD=0)."""
+    # 3 wide often: the rows that take channel vectors in pairs
+    kh, kw = draw(st.integers(1, 7)), draw(st.just(3) | st.integers(1, 7) | st.integers(8, 13))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     ph, pw = draw(st.integers(0, kh)), draw(st.integers(0, kw))
     layout = draw(st.sampled_from(["cl", "cl", "nchw", "strided"]))
@@ -143,7 +144,8 @@ def depthwise_forward_problem(draw):
                       draw(st.integers(max(1, dw * (kw - 1) + 1 - 2 * pw), 48))),
                 batch=draw(st.integers(1, 3)), bias=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
-                nhwc=draw(st.sampled_from(["", "ring", "inplace"])))
+                nhwc=draw(st.sampled_from(["", "ring", "inplace"])),
+                even_odd=draw(st.sampled_from(["", "0"])))
 
 
 def _path_runs(prefix):
@@ -163,7 +165,8 @@ def check_depthwise_forward(case):
     w = torch.randn(oc, 1, *case["k"], generator=gen).to(case["dtype"])
     b = torch.randn(oc, generator=gen).to(case["dtype"]) if case["bias"] else None
     args = (case["stride"], case["padding"], case["dilation"])
-    with env_set("CONVOPS_CPU_NHWC", case["nhwc"]):
+    with env_set("CONVOPS_CPU_NHWC", case["nhwc"]), \
+            env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
@@ -177,7 +180,7 @@ def check_depthwise_forward(case):
 _FORWARD_ISAS = set()
 
 
-@FUZZ
+@settings(FUZZ, max_examples=400)  # each example is small: ~4 s in all
 @given(depthwise_forward_problem())
 def test_fuzz_cpu_depthwise_forward(case):
     check_depthwise_forward(case)

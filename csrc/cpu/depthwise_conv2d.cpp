@@ -425,12 +425,13 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
                        dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
     // bf16 pairs in even / odd channel order (the AVX-512 build): fewer ALU ops per load and
     // store, so faster where the bf16 rows are compute-bound (2 threads, interleaved with
-    // oneDNN: 32@112 0.88 -> 0.98x oneDNN, 576@14 1.01 -> 1.07). Only
-    // where each pair's 64 bytes are one cache line in every pixel (channels a multiple of
-    // 2 * lanes): with 144 channels every other pixel's pair straddles two lines, and 144@56 ran
-    // 5% faster in one run and 20% slower in another. CONVOPS_CPU_BF16_EVEN_ODD=0 turns it off.
+    // oneDNN: 32@112 0.88 -> 0.98x oneDNN, 576@14 1.01 -> 1.07). Channel counts that are not a
+    // multiple of 32 (144: every other pixel's 64-byte pair straddles two cache lines) were left
+    // out until the stores rounded with vcvtne2ps2bf16; since then they gain too (144@56 0.95
+    // -> 0.99-1.01x at 1 thread, 0.94-0.97 -> 0.94-1.02 at 2; s2-144@56 0.81 -> 0.86, 0.88-0.94
+    // -> 0.92-0.97; batch 1 ties). CONVOPS_CPU_BF16_EVEN_ODD=0 turns it off.
     const bool even_odd = kBF16 && pairs && isa->nhwc_bf16_even_odd != nullptr &&
-                          g.C % (2 * lanes) == 0 && !env_is("CONVOPS_CPU_BF16_EVEN_ODD", "0");
+                          !env_is("CONVOPS_CPU_BF16_EVEN_ODD", "0");
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC; with
     // even_odd, the pairs' blocks (all full blocks but an odd last one) in even / odd order.
     const int64_t paired_blocks = even_odd ? (g.OC / lanes) / 2 * 2 : 0;

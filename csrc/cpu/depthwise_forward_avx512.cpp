@@ -97,8 +97,8 @@ inline void vstore_part(c10::BFloat16* p, V v, int n) {
 // loads and 2 shifts in channel order. The store rounds both vectors (as vstore) and interleaves
 // their halves back with one word blend. The pair's weights and bias are packed in the same
 // order (cpu/depthwise_conv2d.cpp), so each channel sums the same terms in the same order:
-// results identical to the channel-order kernels. Used where every pair is one cache line
-// (channels a multiple of 32; the rule and its measurements are in depthwise_conv2d.cpp).
+// results identical to the channel-order kernels. The rule and its measurements are in
+// depthwise_conv2d.cpp.
 struct PairedBF16 : c10::BFloat16 {
   PairedBF16() = default;
   PairedBF16(float f) : c10::BFloat16(f) {}  // NOLINT: converts like c10::BFloat16
@@ -122,6 +122,9 @@ inline void vstore_pair(PairedBF16* p, V even, V odd) {
   const __m512i low = _mm512_srli_epi32(bf16_rounded_high(even), 16);
   _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, low, bf16_rounded_high(odd)));
 }
+// the single vectors and channel tails of the even / odd rows are in channel order
+inline V vload_part(const PairedBF16* p, int n) { return vload_part(static_cast<const c10::BFloat16*>(p), n); }
+inline void vstore_part(PairedBF16* p, V v, int n) { vstore_part(static_cast<c10::BFloat16*>(p), v, n); }
 #define DWF_PAIRED_BF16 1
 
 #include "cpu/depthwise_forward_kernels.h"
