@@ -386,6 +386,9 @@ MUTANTS += [
     Mutant("dwf-avx512-even-odd-rows-tail-loads-one-lane-short", DWF_AVX512,
            "{ return vload_part(static_cast<const c10::BFloat16*>(p), n); }",
            "{ return vload_part(static_cast<const c10::BFloat16*>(p), n - 1); }", DWF_TESTS),
+    Mutant("dwf-fourteen-wide-rows-drop-last-block", DWF,
+           "for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kFourteen)",
+           "for (int64_t ow0 = 0; ow0 + kFourteen < j.Wo; ow0 += kFourteen)", DWF_TESTS),
     Mutant("dwf-avx2-tail-mask-one-lane-short", "csrc/cpu/depthwise_forward_avx2.cpp",
            "_mm256_cmpgt_epi32(_mm256_set1_epi32(n),", "_mm256_cmpgt_epi32(_mm256_set1_epi32(n - 1),",
            DWF_TESTS),
@@ -441,12 +444,12 @@ MUTANTS += [
            "for (; ow < j.Wo; ow += kBlockW)\n    sliding_block_at",
            "for (; ow + kBlockW <= j.Wo; ow += kBlockW)\n    sliding_block_at", DWF_TESTS),
     Mutant("dwf-sliding-dilated-drops-last-phase", DWF,
-           "phase < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kBlockW>",
-           "phase + 1 < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kBlockW>",
+           "phase < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kBlockW, 1, 1, false>",
+           "phase + 1 < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kBlockW, 1, 1, false>",
            DWF_TESTS),
     Mutant("dwf-sliding-dilated-wide-run-drops-last-phase", DWF,
-           "phase < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kWide>",
-           "phase + 1 < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kWide>",
+           "phase < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kWide, 1, 1, false>",
+           "phase + 1 < j.dw; ++phase)\n        sliding_block_at<in_t, out_t, kFull, KW, kWide, 1, 1, false>",
            DWF_TESTS),
     Mutant("dwf-sliding-dilated-check-ignores-dilation", DWF,
            "if (kChecked && (ic0 + q * dw < 0 || ic0 + q * dw >= j.W)) continue;",
@@ -520,6 +523,10 @@ def main(argv=None):
     for sub in ("csrc", "convops", "tests"):
         shutil.copytree(ROOT / sub, tree / sub, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+        for f in (tree / sub).rglob("*"):  # files deleted since (a stale source still compiles)
+            if (f.is_file() and f.suffix != ".so" and "__pycache__" not in f.parts
+                    and not (ROOT / sub / f.relative_to(tree / sub)).exists()):
+                f.unlink()
     log = tree / "mutate.log"
     assert _build(tree, log, args.debug_build) == 0, f"the unmutated tree does not build: {log}"
     results = []
