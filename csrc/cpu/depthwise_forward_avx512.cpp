@@ -54,12 +54,12 @@ inline __m512i bf16_rounded_high(V v) {
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
                                _mm512_set1_epi32(0x7FC00000));
 }
-// The rounded bf16 are the odd (high) words; one word permute gathers them into the low 256 bits,
-// in place of a shift and a narrowing vpmovdw (A/B, 1 thread, bf16 channels_last against oneDNN:
-// 144@56 0.80-0.84 -> 0.87-0.88x, s2-144@56 0.70-0.71 -> 0.76-0.77x, 240@28 k5 0.87 -> 0.90x).
-// Widening loads through a word permute instead of vpmovzxwd + shift measured slower on 5x5 and
-// 7x7 (240@28 0.88 -> 0.79x) and was not kept.
-// v rounded to 16 bf16 (c10's bits), as a 256-bit vector.
+// v rounded to 16 bf16 (c10's bits), as a 256-bit vector. Emulated, the rounded bf16 are the odd
+// (high) words; one word permute gathers them into the low 256 bits, in place of a shift and a
+// narrowing vpmovdw (A/B, 1 thread, bf16 channels_last against oneDNN: 144@56 0.80-0.84 ->
+// 0.87-0.88x, s2-144@56 0.70-0.71 -> 0.76-0.77x, 240@28 k5 0.87 -> 0.90x). Widening loads
+// through a word permute instead of vpmovzxwd + shift measured slower on 5x5 and 7x7 (240@28
+// 0.88 -> 0.79x) and was not kept.
 inline __m256i bf16_rounded(V v) {
   if (__builtin_expect(bf16_convert_exact(v), 1)) {
     __m256i r;
