@@ -1,10 +1,11 @@
-"""Kernel lab for the CPU depthwise forward's NHWC in-place rows (AVX-512 build): compile only
-nhwc_rows<float> and nhwc_rows<c10::BFloat16> of csrc/cpu/depthwise_forward_kernels.h, from the
+"""Kernel lab for the CPU depthwise forward's NHWC rows (AVX-512 build): compile only the in-place
+rows (nhwc_rows) and the row ring (nhwc_ring_rows), float and bf16, of
+csrc/cpu/depthwise_forward_kernels.h, from the
 working tree or a git revision, into a small shared library (about 20-60 s, against 7-11
 minutes for the extension's AVX-512 file), and time variants against oneDNN, interleaved.
 
   python tools/dwf_lab.py build NAME [--rev REV] [-- -DFLAG ...]   # -> /tmp/dwf_lab/NAME.so
-  python tools/dwf_lab.py ab THREADS "N,C,H,k,s[,d];..." NAME,NAME [--bf16] [--rounds 5]
+  python tools/dwf_lab.py ab THREADS "N,C,H,k,s[,d];..." NAME,NAME [--bf16] [--ring] [--rounds 5]
 
 `ab` checks each variant against F.conv2d before timing it and prints, per case and variant,
 the median time and the median ratio oneDNN / variant. The library skips the op's wrapper
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAB = Path("/tmp/dwf_lab")
 
 ENTRY = r'''
-#define DWF_LAB_ENTRY(NAME, T)                                                                  \
+#define DWF_LAB_ENTRY(NAME, T, ROWS)                                                            \
   extern "C" void NAME(const T* x, T* y, const float* w, int64_t N, int64_t C, int64_t H,      \
                        int64_t k, int64_t s, int64_t p, int64_t d) {                            \
     DwForwardJob j{};                                                                           \
@@ -36,10 +37,12 @@ ENTRY = r'''
       j.lo[kx] = r.first, j.hi[kx] = r.last;                                                    \
       j.inner_lo = std::max(j.inner_lo, r.first), j.inner_hi = std::min(j.inner_hi, r.last);    \
     }                                                                                           \
-    at::parallel_for(0, j.N * j.Ho, 1, [&](int64_t b, int64_t e) { nhwc_rows<T>(j, b, e); });  \
+    at::parallel_for(0, j.N * j.Ho, 1, [&](int64_t b, int64_t e) { ROWS<T>(j, b, e); });       \
   }
-DWF_LAB_ENTRY(lab_f32, float)
-DWF_LAB_ENTRY(lab_bf16, c10::BFloat16)
+DWF_LAB_ENTRY(lab_f32, float, nhwc_rows)
+DWF_LAB_ENTRY(lab_bf16, c10::BFloat16, nhwc_rows)
+DWF_LAB_ENTRY(lab_ring_f32, float, nhwc_ring_rows)
+DWF_LAB_ENTRY(lab_ring_bf16, c10::BFloat16, nhwc_ring_rows)
 '''
 
 
@@ -69,7 +72,7 @@ def build(name, rev, flags):
     print(LAB / f"{name}.so")
 
 
-def ab(threads, cases, names, bf16, rounds):
+def ab(threads, cases, names, bf16, ring, rounds):
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, str(ROOT))
@@ -90,7 +93,7 @@ def ab(threads, cases, names, bf16, rounds):
         Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
 
         def variant(lib):
-            fn = lib.lab_bf16 if bf16 else lib.lab_f32
+            fn = getattr(lib, ("lab_ring_" if ring else "lab_") + ("bf16" if bf16 else "f32"))
 
             def run(_):
                 y = torch.empty(N, C, Ho, Ho, dtype=dt, memory_format=torch.channels_last)
@@ -126,12 +129,13 @@ def main():
     a.add_argument("cases")
     a.add_argument("names")
     a.add_argument("--bf16", action="store_true")
+    a.add_argument("--ring", action="store_true", help="the row ring instead of the in-place rows")
     a.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if args.cmd == "build":
         build(args.name, args.rev, flags)
     else:
-        ab(args.threads, args.cases, args.names.split(","), args.bf16, args.rounds)
+        ab(args.threads, args.cases, args.names.split(","), args.bf16, args.ring, args.rounds)
 
 
 if __name__ == "__main__":

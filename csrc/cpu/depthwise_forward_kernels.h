@@ -593,24 +593,12 @@ __attribute__((always_inline)) inline void pair_rows(const DwForwardJob& j,
 // threads than whole rows per pair, 0.87-0.92 vs 1.13-1.17 of oneDNN on 144@56, 1.02 vs 1.21
 // on d4-256@64; tiles of one sliding block, pair_rows' order, tie there and win on wide-channel
 // small maps: see pair_rows.)
-// The input rows that the next output row reads first (`ahead`, null-terminated, NHWC only)
-// are prefetched into L2: when the input does not fit in cache, each row's first use otherwise
-// stalls every channel vector on memory latency. Spreading the prefetches over the channel
-// vectors, prefetching the next pair's new row instead, or none at all measured no better.
 template <typename in_t, typename out_t>
 __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const in_t* const* rows,
                                                     int64_t in_px, int64_t blocks, int nch_tail,
                                                     out_t* out, int64_t out_px,
-                                                    const in_t* const* ahead = nullptr,
                                                     bool pairs = false) {
   const int64_t taps = j.kh * j.kw;
-  if (ahead != nullptr) {
-    for (const in_t* const* a = ahead; *a != nullptr; ++a) {
-      const char* first = reinterpret_cast<const char*>(*a);
-      const char* last = reinterpret_cast<const char*>(*a + j.W * in_px);
-      for (const char* c = first; c < last; c += 64) __builtin_prefetch(c, 0, 2);
-    }
-  }
   int64_t cb = 0;
   if (pairs) {
     cb = blocks / 2 * 2;
@@ -627,34 +615,55 @@ __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const
   }
 }
 
-// NHWC, multiplier 1: one task per output row (n, oh), reading the input rows in place.
+// Asks for the cache lines of [p, p + bytes) to be brought into L2.
+inline void prefetch_l2(const void* p, int64_t bytes, bool for_write) {
+  const char* c = static_cast<const char*>(p);
+  for (const char* e = c + bytes; c < e; c += 64) {
+    if (for_write) __builtin_prefetch(c, 1, 2);
+    else __builtin_prefetch(c, 0, 2);
+  }
+}
+
+// NHWC, multiplier 1: one task per output row (n, oh), reading the input rows in place. Before
+// each row, the lines that the task's next row first touches are prefetched into L2: its new
+// input rows and its output row. Where they are not in cache (an input or an output buffer
+// larger than the free part of L3), their first use otherwise stalls every channel vector on
+// memory latency; the output's lines are read before they are written (read for ownership), so
+// a cold output costs as much as a cold input. (Adding the output row, oneDNN / convops at 2
+// threads: fp32 32@112 1.09 -> 1.14x, s2-144@56 1.18 -> 1.30, 576@14 1.50 -> 1.60, bf16
+// s2-144@56 1.05 -> 1.15; 1 thread: bf16 s2 0.88 -> 0.96, fp32 32@112 +6-8%; fp32 144@56 ties
+// at 1 and 2 threads where its outputs stay in cache, and ran 0.45 -> 0.29-0.35 ms where they
+// were evicted between calls. PREFETCHW, prefetching each block's lines one block ahead, and
+// for the input: spreading the prefetches over the channel vectors, 2 or 3 rows ahead, or none
+// at all, measured no better.)
 template <typename T>
 void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
   const T* x = static_cast<const T*>(j.x);
   T* y = static_cast<T*>(j.y);
   const T* rows[kDwMaxK];
-  const T* ahead[kDwMaxK + 1];
   const bool pairs = dw_rows_in_pairs(j, kLanes, kPairW, kPairB);
+  const int64_t in_row_bytes = j.W * j.C * int64_t(sizeof(T));
+  const int64_t out_row_bytes = j.Wo * j.OC * int64_t(sizeof(T));
   for (int64_t p = begin; p < end; ++p) {
     const int64_t n = p / j.Ho, oh = p % j.Ho;
     for (int64_t ky = 0; ky < j.kh; ++ky) {
       const int64_t ih = oh * j.sh - j.ph + ky * j.dh;
       rows[ky] = (ih >= 0 && ih < j.H) ? x + (n * j.H + ih) * j.W * j.C : nullptr;
     }
-    // the input rows that the next output row reads first: below this row's last input row,
-    // or all of them in the next image (prefetching 2 or 3 rows ahead measured no better)
-    int na = 0;
     if (p + 1 < end) {
+      // the next row's new input rows: below this row's last one, or all of them in the
+      // next image
       const int64_t n2 = (p + 1) / j.Ho, oh2 = (p + 1) % j.Ho;
       const int64_t last_ih = oh2 > 0 ? (oh2 - 1) * j.sh - j.ph + (j.kh - 1) * j.dh : -1;
       for (int64_t ky = 0; ky < j.kh; ++ky) {
         const int64_t ih = oh2 * j.sh - j.ph + ky * j.dh;
-        if (ih > last_ih && ih >= 0 && ih < j.H) ahead[na++] = x + (n2 * j.H + ih) * j.W * j.C;
+        if (ih > last_ih && ih >= 0 && ih < j.H)
+          prefetch_l2(x + (n2 * j.H + ih) * j.W * j.C, in_row_bytes, false);
       }
+      prefetch_l2(y + (p + 1) * j.Wo * j.OC, out_row_bytes, true);
     }
-    ahead[na] = nullptr;
     conv_row<T, T>(j, rows, j.C, j.C / kLanes, static_cast<int>(j.C % kLanes),
-                   y + (n * j.Ho + oh) * j.Wo * j.OC, j.OC, ahead, pairs);
+                   y + p * j.Wo * j.OC, j.OC, pairs);
   }
 }
 
