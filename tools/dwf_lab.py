@@ -1,10 +1,10 @@
-"""Kernel lab for the CPU depthwise forward's NHWC rows (AVX-512 build): compile only the in-place
+"""Kernel lab for the CPU depthwise forward's NHWC rows (AVX-512 or AVX2 build): compile only the in-place
 rows (nhwc_rows) and the row ring (nhwc_ring_rows), float and bf16, of
 csrc/cpu/depthwise_forward_kernels.h, from the
 working tree or a git revision, into a small shared library (about 20-60 s, against 7-11
 minutes for the extension's AVX-512 file), and time variants against oneDNN, interleaved.
 
-  python tools/dwf_lab.py build NAME [--rev REV] [-- -DFLAG ...]   # -> /tmp/dwf_lab/NAME.so
+  python tools/dwf_lab.py build NAME [--rev REV] [--isa avx2] [-- -DFLAG ...]  # -> /tmp/dwf_lab/NAME.so
   python tools/dwf_lab.py ab THREADS "N,C,H,k,s[,d];..." NAME,NAME [--bf16] [--ring] [--rounds 5]
 
 `ab` checks each variant against F.conv2d before timing it and prints, per case and variant,
@@ -39,6 +39,7 @@ ENTRY = r'''
     }                                                                                           \
     at::parallel_for(0, j.N * j.Ho, 1, [&](int64_t b, int64_t e) { ROWS<T>(j, b, e); });       \
   }
+extern "C" int lab_lanes() { return kLanes; }
 DWF_LAB_ENTRY(lab_f32, float, nhwc_rows)
 DWF_LAB_ENTRY(lab_bf16, c10::BFloat16, nhwc_rows)
 DWF_LAB_ENTRY(lab_ring_f32, float, nhwc_ring_rows)
@@ -52,16 +53,16 @@ def read(path, rev):
     return (ROOT / path).read_text()
 
 
-def build(name, rev, flags):
+def build(name, rev, flags, isa):
     import torch.utils.cpp_extension as ext
     LAB.mkdir(exist_ok=True)
     kernels = read("csrc/cpu/depthwise_forward_kernels.h", rev)
     (LAB / f"{name}_kernels.h").write_text(kernels[:kernels.index("const DwForwardIsa kIsa{")])
-    src = read("csrc/cpu/depthwise_forward_avx512.cpp", rev)
+    src = read(f"csrc/cpu/depthwise_forward_{isa}.cpp", rev)
     src = src.replace('#include "cpu/depthwise_forward_kernels.h"', f'#include "{name}_kernels.h"')
     src = src.replace('#include "cpu/depthwise_forward.h"',
                       '#include "cpu/depthwise_forward.h"\n#include <ATen/Parallel.h>', 1)
-    src = src.replace("}  // namespace dw_avx512", ENTRY + "}  // namespace dw_avx512")
+    src = src.replace(f"}}  // namespace dw_{isa}", ENTRY + f"}}  // namespace dw_{isa}")
     (LAB / f"{name}.cpp").write_text(src)
     lib = Path(ext.include_paths()[0]).parents[0] / "lib"
     cmd = (["g++", "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", f"-I{ROOT / 'csrc'}",
@@ -85,10 +86,13 @@ def ab(threads, cases, names, bf16, ring, rounds):
         p = d * (k // 2)
         x = torch.randn(N, C, H, H).to(dt).contiguous(memory_format=torch.channels_last)
         w = (torch.randn(C, 1, k, k) * 0.1).to(dt)
-        blocks = (C + 15) // 16  # weights as the op packs them: [block][tap][16 lanes]
-        wp = torch.zeros(blocks * 16, k * k)
+        lanes = {lib.lab_lanes() for lib in libs.values()}
+        assert len(lanes) == 1, "variants of one ISA only"
+        lanes = lanes.pop()
+        blocks = (C + lanes - 1) // lanes  # weights as the op packs them: [block][tap][lanes]
+        wp = torch.zeros(blocks * lanes, k * k)
         wp[:C] = w.float().view(C, k * k)
-        wp = wp.view(blocks, 16, k * k).transpose(1, 2).contiguous()
+        wp = wp.view(blocks, lanes, k * k).transpose(1, 2).contiguous()
         ref = F.conv2d(x, w, None, s, p, d, C)
         Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -124,6 +128,7 @@ def main():
     b = sub.add_parser("build")
     b.add_argument("name")
     b.add_argument("--rev")
+    b.add_argument("--isa", choices=["avx512", "avx2"], default="avx512")
     a = sub.add_parser("ab")
     a.add_argument("threads", type=int)
     a.add_argument("cases")
@@ -133,7 +138,7 @@ def main():
     a.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
     if args.cmd == "build":
-        build(args.name, args.rev, flags)
+        build(args.name, args.rev, flags, args.isa)
     else:
         ab(args.threads, args.cases, args.names.split(","), args.bf16, args.ring, args.rounds)
 

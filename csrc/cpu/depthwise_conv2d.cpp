@@ -412,11 +412,16 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       // AVX-512 (same 2-core Zen 4, 2 threads), in place won for bf16 wherever the span is
       // under 9 (ring -> in place: 3x3 0.75-0.78 -> 0.91-0.98x oneDNN, 5x5 0.77 -> 0.84, 7x7
       // 0.94-0.97 -> 0.97-1.05, d4 0.63 -> 0.88) and for 7x7 in fp32 (1.08 -> 1.19); the ring
-      // kept the spans of 9 and more in fp32. CONVOPS_CPU_NHWC=ring|inplace forces one.
+      // kept the spans of 9 and more in fp32. Since the in-place rows took channel pairs and
+      // their row prefetches, AVX2 fp32 dilated rows run faster in place (a 2-core Zen 3, AVX2
+      // only, kernel lab, oneDNN / convops, ring -> in place: d4-256@64 batch 1 0.91-0.93 ->
+      // 1.20-1.33x at 2 threads, 1.07-1.11 -> 1.21-1.36x at 1; N4 1.64 -> 1.93x and 1.50 ->
+      // 1.95x; N8 ties), so there the ring keeps the undilated filters 7 and more tall (7x7
+      // ties, 27x27 and 31x31 as measured above). CONVOPS_CPU_NHWC=ring|inplace forces one.
       const int64_t span = (g.kh - 1) * g.dh + 1;
       const bool wide = lanes >= 16;
       ring = (wide ? (g.sh == 1 && (kF32 ? span >= 9 : g.kh >= 9))
-                   : (kBF16 || (g.sh == 1 && span >= 7))) &&
+                   : (kBF16 || (g.sh == 1 && g.dh == 1 && g.kh >= 7))) &&
              g.kh * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
       if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;

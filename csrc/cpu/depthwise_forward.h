@@ -15,7 +15,7 @@
 // channels in one vector and odd ones in the other (cheaper to widen and round; the weights are
 // packed to match).
 //
-// NHWC row ring (bf16, and stride-1 filters spanning 7+ rows; the rule and its measurements are
+// NHWC row ring (bf16, and stride-1 filters spanning many rows; the rule and its measurements are
 // in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation
 // phase) into a per-thread ring of kh rows laid out [channel block][W][kLanes] floats, and each
 // channel block's row kernel runs on its own contiguous sub-rows. Bytes: one extra write and read
