@@ -238,15 +238,13 @@ def test_vectorized_forward_cpu(case, isa, monkeypatch):
 
 def _vector_layout(case, isa):
     """The vectorized forward's layout path (the rule in cpu/depthwise_conv2d.cpp). NHWC runs on
-    the row ring, else in place: with AVX-512 for stride-1 filters spanning 9 or more input rows
-    in float32 and 9 or more rows tall in bf16; on narrower ISAs for bf16, and for undilated
-    stride-1 filters 7 or more rows tall."""
+    the row ring, else in place: with AVX-512 for stride-1 filters 9 or more rows tall (dilated
+    or not); on narrower ISAs for bf16, and for undilated stride-1 filters 7 or more rows tall."""
     if not case["channels_last"]:
         return "nchw"
-    span = (case["kernel"][0] - 1) * case["dilation"][0] + 1
     stride1 = case["stride"][0] == 1
     if isa == "avx512":
-        ring = stride1 and (span >= 9 if case["dtype"] == torch.float32 else case["kernel"][0] >= 9)
+        ring = stride1 and case["kernel"][0] >= 9
     else:
         ring = case["dtype"] == torch.bfloat16 or (stride1 and case["dilation"][0] == 1 and
                                                    case["kernel"][0] >= 7)

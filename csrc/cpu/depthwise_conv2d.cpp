@@ -417,10 +417,13 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       // only, kernel lab, oneDNN / convops, ring -> in place: d4-256@64 batch 1 0.91-0.93 ->
       // 1.20-1.33x at 2 threads, 1.07-1.11 -> 1.21-1.36x at 1; N4 1.64 -> 1.93x and 1.50 ->
       // 1.95x; N8 ties), so there the ring keeps the undilated filters 7 and more tall (7x7
-      // ties, 27x27 and 31x31 as measured above). CONVOPS_CPU_NHWC=ring|inplace forces one.
-      const int64_t span = (g.kh - 1) * g.dh + 1;
+      // ties, 27x27 and 31x31 as measured above). The same now holds with AVX-512 (2-core Zen 4,
+      // fp32, oneDNN / convops, ring -> in place: d4-256@64 batch 1 0.81 -> 0.94-1.01x at 2
+      // threads, 0.317 -> 0.263 ms; 1 thread 0.574 -> 0.503 ms; 5x5 d2-128@64 0.26 -> 0.17 ms;
+      // d8 ties, d12 (no pairs at 64 wide) 5% slower), so there the ring keeps the filters 9 and
+      // more tall in both dtypes. CONVOPS_CPU_NHWC=ring|inplace forces one.
       const bool wide = lanes >= 16;
-      ring = (wide ? (g.sh == 1 && (kF32 ? span >= 9 : g.kh >= 9))
+      ring = (wide ? (g.sh == 1 && g.kh >= 9)
                    : (kBF16 || (g.sh == 1 && g.dh == 1 && g.kh >= 7))) &&
              g.kh * blocks * lanes * g.W * int64_t(sizeof(float)) <= kDwRingBudgetBytes;
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
