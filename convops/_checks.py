@@ -13,6 +13,13 @@ IntPair = Union[int, Sequence[int]]
 
 
 def pair(value: IntPair, name: str) -> Tuple[int, int]:
+    # the common spellings first (these checks run on every call): an int, a pair of ints
+    kind = type(value)
+    if kind is int:
+        return (value, value)
+    if (kind is tuple or kind is list) and len(value) == 2 and type(value[0]) is int \
+            and type(value[1]) is int:
+        return (value[0], value[1])
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
     if isinstance(value, int):
@@ -61,8 +68,9 @@ def tensor(t, name: str) -> torch.Tensor:
 
 
 def same_dtype_device(ref: torch.Tensor, ref_name: str, **others) -> None:
+    dtype, device = ref.dtype, ref.device
     for name, t in others.items():
-        if t is None:
+        if t is None or (t.dtype == dtype and t.device == device):
             continue
         if t.dtype != ref.dtype:
             raise TypeError(f"{name} dtype {t.dtype} differs from {ref_name} dtype {ref.dtype}")
@@ -76,15 +84,15 @@ def dims(t: torch.Tensor, name: str, n: int, layout: str) -> None:
 
 
 def output_size(in_hw, kernel, stride, pad4, dilation, what: str) -> Tuple[int, int]:
-    out = []
-    for i, (size, k, s, d) in enumerate(zip(in_hw, kernel, stride, dilation)):
-        room = size + pad4[i] + pad4[i + 2] - d * (k - 1) - 1
-        out.append(room // s + 1 if room >= 0 else 0)
+    room_h = in_hw[0] + pad4[0] + pad4[2] - dilation[0] * (kernel[0] - 1) - 1
+    room_w = in_hw[1] + pad4[1] + pad4[3] - dilation[1] * (kernel[1] - 1) - 1
+    out = (room_h // stride[0] + 1 if room_h >= 0 else 0,
+           room_w // stride[1] + 1 if room_w >= 0 else 0)
     if out[0] < 1 or out[1] < 1:
         raise ValueError(
             f"{what}: output size {tuple(out)} is below 1 for input size {tuple(in_hw)}, "
             f"kernel {tuple(kernel)}, stride {stride}, padding {pad4}, dilation {dilation}")
-    return out[0], out[1]
+    return out
 
 
 def compact_padding(pad4: Tuple[int, int, int, int]):

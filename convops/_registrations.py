@@ -1,7 +1,8 @@
-"""Fake (meta) kernels for every op and autograd formulas, registered with torch.library.
+"""Fake (meta) kernels for every op, registered with torch.library.
 
 Fake kernels let torch.compile / torch.export trace the ops without running them; they must
-produce exactly the shapes, dtypes and memory formats the real kernels produce.
+produce exactly the shapes, dtypes and memory formats the real kernels produce. The autograd
+kernels are in C++ (csrc/autograd.cpp), so calls that need no gradient stay out of Python.
 """
 import torch
 from torch._prims_common import suggest_memory_format
@@ -22,9 +23,6 @@ def _empty_like_layout(ref: torch.Tensor, shape):
 # --- depthwise_conv2d and dilated_conv2d (same signatures) -----------------------------------
 
 def _register_conv(name: str):
-    forward_op = getattr(torch.ops.convops, name)
-    backward_op = getattr(torch.ops.convops, name + "_backward")
-
     @torch.library.register_fake(f"convops::{name}")
     def _fake(input, weight, bias, stride, padding, dilation):
         ho, wo = output_size(input.shape[2:], weight.shape[2:], stride, _pad4(padding),
@@ -39,22 +37,6 @@ def _register_conv(name: str):
             if output_mask[1] else weight.new_empty(0)
         grad_bias = weight.new_empty(weight.shape[0]) if output_mask[2] else weight.new_empty(0)
         return grad_input, grad_weight, grad_bias
-
-    def _setup_context(ctx, inputs, output):
-        input, weight, bias, stride, padding, dilation = inputs
-        ctx.save_for_backward(input, weight)
-        ctx.conv_args = (stride, padding, dilation)
-        ctx.has_bias = bias is not None
-
-    def _backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                ctx.has_bias and ctx.needs_input_grad[2]]
-        grads = backward_op(grad_output, input, weight, *ctx.conv_args, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
-
-    torch.library.register_autograd(f"convops::{name}", _backward, setup_context=_setup_context)
-    return forward_op
 
 
 _register_conv("depthwise_conv2d")
@@ -87,25 +69,3 @@ def _deform_conv2d_backward_fake(grad_output, input, weight, offset, mask, strid
               lambda: torch.empty_like(mask, memory_format=torch.contiguous_format), offset),
         maybe(output_mask[4], lambda: weight.new_empty(weight.shape[0]), weight),
     )
-
-
-def _deform_setup_context(ctx, inputs, output):
-    input, weight, offset, mask, bias, stride, padding, dilation = inputs
-    ctx.save_for_backward(input, weight, offset, mask)
-    ctx.conv_args = (stride, padding, dilation)
-    ctx.has_mask = mask is not None
-    ctx.has_bias = bias is not None
-
-
-def _deform_backward(ctx, grad_output):
-    input, weight, offset, mask = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    output_mask = [need[0], need[1], need[2], ctx.has_mask and need[3], ctx.has_bias and need[4]]
-    grads = torch.ops.convops.deform_conv2d_backward(grad_output, input, weight, offset, mask,
-                                                     *ctx.conv_args, output_mask)
-    return tuple(g if wanted else None for g, wanted in zip(grads, output_mask)) + \
-        (None, None, None)
-
-
-torch.library.register_autograd("convops::deform_conv2d", _deform_backward,
-                                setup_context=_deform_setup_context)

@@ -15,7 +15,7 @@ def _conv_common(input, weight, bias, stride, padding, dilation, weight_layout: 
     _checks.dims(input, "input", 4, "(N, C, H, W)")
     _checks.dims(weight, "weight", 4, weight_layout)
     _checks.same_dtype_device(input, "input", weight=weight, bias=bias)
-    kernel = (weight.shape[2], weight.shape[3])
+    kernel = tuple(weight.shape[2:])
     if kernel[0] < 1 or kernel[1] < 1:
         raise ValueError(f"weight has an empty kernel: shape {tuple(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):

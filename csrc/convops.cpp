@@ -1,7 +1,7 @@
 // The convops operator library (schemas: schemas.h), and the Python module init for convops._C.
 //
 // Backward ops are operators of their own, taking an output mask so that gradients nobody
-// asked for are not computed; autograd is wired in Python (convops/_registrations.py) so that
+// asked for are not computed; the autograd kernels (autograd.cpp) call them, so that
 // torch.compile and torch.export see these ops, never an opaque Python function.
 #include <torch/library.h>
 
