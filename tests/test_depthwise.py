@@ -367,15 +367,24 @@ def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
 # phase (cpu/depthwise_forward_kernels.h): every border (the 27-wide filter on a 14-wide map has
 # no interior at all), widths that 8 does not divide, channel tails on every ISA's lane count,
 # even and asymmetric filters, no padding, dilated phase runs, and a row too narrow for a run
-# (the other kernels take it).
+# (the other kernels take it). With AVX-512, undilated rows 14 and 28 wide run in blocks of 7
+# ("sevens"; a dilated 14-wide row does not).
 WIDE_CASES = [
     dict(channels=40, kernel=(9, 9), dilation=(1, 1), padding=4, size=(12, 19), wide=True),
     dict(channels=24, kernel=(11, 8), dilation=(1, 2), padding=(5, 7), size=(10, 30), wide=True),
     dict(channels=17, kernel=(31, 31), dilation=(1, 1), padding=15, size=(20, 8), wide=True),
     dict(channels=9, kernel=(13, 13), dilation=(3, 3), padding=18, size=(16, 60), wide=True),
-    dict(channels=33, kernel=(27, 27), dilation=(1, 1), padding=13, size=(14, 14), wide=True),
+    dict(channels=33, kernel=(27, 27), dilation=(1, 1), padding=13, size=(14, 14), wide=True,
+         sevens=True),
     dict(channels=48, kernel=(9, 12), dilation=(1, 1), padding=0, size=(14, 40), wide=True),
     dict(channels=20, kernel=(9, 9), dilation=(2, 2), padding=8, size=(10, 10), wide=False),
+    dict(channels=35, kernel=(10, 9), dilation=(1, 1), padding=(4, 3), size=(9, 30), wide=True,
+         sevens=True),
+    dict(channels=16, kernel=(9, 9), dilation=(1, 1), padding=(4, 2), size=(11, 18), wide=True,
+         sevens=True),
+    dict(channels=21, kernel=(9, 9), dilation=(2, 1), padding=(8, 4), size=(12, 14), wide=True,
+         sevens=True),
+    dict(channels=19, kernel=(9, 9), dilation=(1, 2), padding=8, size=(12, 14), wide=False),
 ]
 
 
@@ -396,10 +405,14 @@ def test_vectorized_forward_wide_sliding(case, dtype, layout, isa, monkeypatch):
     x, w, b = _inputs(case, "cpu", requires_grad=False)
     args = (case["stride"], case["padding"], case["dilation"])
     key = "depthwise_forward_wide_sliding:" + isa
+    sevens_key = "depthwise_forward_wide_sevens:" + isa
     before = _C.cpu_path_counts().get(key, 0)
+    sevens_before = _C.cpu_path_counts().get(sevens_key, 0)
     out = convops.depthwise_conv2d(x, w, b, *args)
     assert _last_forward_path() == ("nchw" if not cl else layout.replace("-inplace", "")) + "/" + isa
     assert _C.cpu_path_counts().get(key, 0) - before == int(case["wide"])
+    sevens = case.get("sevens", False) and isa == "avx512"
+    assert _C.cpu_path_counts().get(sevens_key, 0) - sevens_before == int(sevens)
     ref = reference(x.double(), w.double(), b.double(), *args)
     assert_close(out, ref, dtype, f"forward, wide sliding, {layout}, {isa}, seed {stable_seed(case)}")
 

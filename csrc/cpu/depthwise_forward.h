@@ -113,9 +113,23 @@ inline bool dw_wide_sliding(const DwForwardJob& j) {
   return j.sw == 1 && j.kw >= kDwWideBlock && j.Wo >= kDwWideBlock * j.dw;
 }
 
+// Whether those rows run in blocks of 7 pixels instead of kDwWideBlock: undilated rows that 7
+// divides and 8 does not (14 and 28 wide), with 16 lanes (AVX-512: 7 chains cover its one
+// 512-bit FMA pipe's latency; AVX2's two pipes need 8). Blocks of 8 computed 16 pixels for 14.
+inline bool dw_wide_sevens(const DwForwardJob& j, int lanes) {
+  return lanes >= 16 && dw_wide_sliding(j) && j.dw == 1 && j.Wo % 7 == 0 &&
+         j.Wo % kDwWideBlock != 0;
+}
+
+template <typename T>
+using DwPackFn = void (*)(const T* const* planes, int nch, int64_t taps, float* dst);
+
 struct DwForwardIsa {
   const char* name;
   int lanes, pair_slide_w, pair_block_w;
+  // one channel block's weights, [tap][lanes] floats from nch weight planes of taps each
+  DwPackFn<float> pack_f32;
+  DwPackFn<c10::BFloat16> pack_bf16;
   DwTaskFn nhwc_f32, nhwc_bf16, nhwc_ring_f32, nhwc_ring_bf16, nchw_f32, nchw_bf16;
   // NHWC bf16 in place whose channel pairs hold even channels in the first vector and odd ones
   // in the second (weights packed to match in cpu/depthwise_conv2d.cpp), or null: see the AVX-512 build

@@ -306,16 +306,16 @@ __attribute__((always_inline)) inline void sliding_row(const DwForwardJob& j,
 // interior_run could not cover a 14-wide row under a 27-wide filter at all: every pixel was a
 // border pixel, run one by one or in blocks with a test per pixel and tap.) Only the first and
 // last kWideR - 1 columns of the window feed part of the block. Eight accumulators: the FMA
-// latency times the pipes on AVX2 (2 x 4) and on Zen 4's AVX-512 (1 x 4).
+// latency times the pipes on AVX2 (2 x 4) and on Zen 4's AVX-512 (1 x 4); R = 7 for the rows
+// of dw_wide_sevens.
 constexpr int kWideR = kDwWideBlock;
 
-template <typename in_t, typename out_t, bool kFull>
+template <typename in_t, typename out_t, bool kFull, int R = kWideR>
 __attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob& j,
                                                               const in_t* const* rows, int64_t c0,
                                                               int64_t in_px, const float* w,
                                                               V bias, int64_t ow0, out_t* out,
                                                               int64_t out_px, int nch) {
-  constexpr int R = kWideR;
   const int64_t kw = j.kw, dw = j.dw, col_step = dw * in_px;
   const int64_t ic0 = ow0 - j.pw;  // input column of window column 0
   const OutputRange<int64_t> cols = dw_columns_inside(j, ic0, dw, R + kw - 1);
@@ -358,12 +358,19 @@ __attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob
 }
 
 // A whole row (at least kWideR * dw wide) in wide sliding blocks: runs of kWideR * dw pixels,
-// one block per dilation phase, the last run shifted left (recomputing a few pixels).
+// one block per dilation phase, the last run shifted left (recomputing a few pixels); 14- and
+// 28-wide rows in blocks of 7, recomputing none (512@14 k27: 2 of 16 pixels were recomputed).
 template <typename in_t, typename out_t, bool kFull>
 __attribute__((always_inline)) inline void wide_sliding_row(const DwForwardJob& j,
                                                             const in_t* const* rows, int64_t c0,
                                                             int64_t in_px, const float* w, V bias,
                                                             out_t* out, int64_t out_px, int nch) {
+  if (dw_wide_sevens(j, kLanes)) {
+    for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += 7)
+      wide_sliding_block<in_t, out_t, kFull, 7>(j, rows, c0, in_px, w, bias, ow0, out, out_px,
+                                                nch);
+    return;
+  }
   const int64_t span = kWideR * j.dw;
   for (int64_t next = 0; next < j.Wo; next += span) {
     const int64_t ow0 = std::min(next, j.Wo - span);
@@ -831,10 +838,19 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
   }
 }
 
+// The packed weights of one channel block, dst[tap][l] = planes[l][tap] (lanes past nch zero):
+// the input rows' transpose, 8x8 tiles in registers where the ISA has them.
+template <typename T>
+void pack_block(const T* const* planes, int nch, int64_t taps, float* dst) {
+  transpose_in(planes, nch, 0, taps, dst);
+}
+
 const DwForwardIsa kIsa{kIsaName,
                         kLanes,
                         kPairW,
                         kPairB,
+                        pack_block<float>,
+                        pack_block<c10::BFloat16>,
                         nhwc_rows<float>,
                         nhwc_rows<c10::BFloat16>,
                         nhwc_ring_rows<float>,
