@@ -305,6 +305,37 @@ def test_vectorized_forward_non_contiguous_and_thread_count(dtype, channels_last
     assert_close(outs[0], ref, dtype, "forward, seed 1414")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dilation", [(2, 2), (3, 1), (4, 4)])
+def test_nhwc_inplace_dilated_rows_any_task_split(dtype, dilation, monkeypatch):
+    """Dilated stride-1 rows in place run in phase order (oh mod dh) within each image of a
+    task's row range (cpu/depthwise_forward_kernels.h, nhwc_rows): ranges that start and end
+    inside an image, span images, or hold fewer rows than phases, at 1, 2, 3 and 7 threads
+    (3 images of 13 rows: 39 tasks), all bit-identical and equal to F.conv2d in float64."""
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", "inplace")
+    g = torch.Generator().manual_seed(2020 + dilation[0])
+    x = torch.randn(3, 40, 13, 21, generator=g).to(dtype).to(memory_format=torch.channels_last)
+    w = torch.randn(40, 1, 3, 3, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype)
+    padding = (dilation[0], dilation[1])
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3, 7):
+            torch.set_num_threads(t)
+            outs.append(convops.depthwise_conv2d(x, w, b, 1, padding, dilation))
+            path = _last_forward_path()
+            if path == "generic":
+                pytest.skip("no vectorized CPU forward on this machine")
+            assert path.split("/")[0] in ("nhwc", "nhwc-pairs"), path
+    finally:
+        torch.set_num_threads(threads)
+    for out in outs[1:]:
+        assert torch.equal(out, outs[0]), "the forward depends on the thread count"
+    ref = reference(x.double(), w.double(), b.double(), 1, padding, dilation)
+    assert_close(outs[0], ref, dtype, f"forward, dilated in place, seed {2020 + dilation[0]}")
+
+
 # NHWC rows in place that take two channel vectors per register block: channel counts of
 # whole pairs, a pair plus a single vector, and a pair plus a tail (on every ISA's lane count),
 # sliding 3x3 rows (dilated ones in phase runs) and strided blocked rows of 3-, 4-, 5- and 7-wide

@@ -114,7 +114,7 @@ inline bool dw_wide_sliding(const DwForwardJob& j) {
 }
 
 // Whether those rows run in blocks of 7 pixels instead of kDwWideBlock: undilated rows that 7
-// divides and 8 does not (14 and 28 wide), with 16 lanes (AVX-512: 7 chains cover its one
+// divides and 8 does not (14, 21, 28, 35, ... wide), with 16 lanes (AVX-512: 7 chains cover its one
 // 512-bit FMA pipe's latency; AVX2's two pipes need 8). Blocks of 8 computed 16 pixels for 14.
 inline bool dw_wide_sevens(const DwForwardJob& j, int lanes) {
   return lanes >= 16 && dw_wide_sliding(j) && j.dw == 1 && j.Wo % 7 == 0 &&
