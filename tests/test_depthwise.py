@@ -348,6 +348,10 @@ PAIR_CASES = [
     dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(5, 21)),
     dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(2, 2), padding=2, size=(13, 37)),
     dict(channels=72, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(15, 31)),
+    # 3x3 stride 2 into 28 columns (AVX-512: 4 blocks of 7, no shifted last block), a pair plus
+    # a single vector, and into 14 with borders on the right too
+    dict(channels=48, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(9, 55)),
+    dict(channels=32, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(7, 28)),
     dict(channels=34, kernel=(5, 5), stride=(2, 2), dilation=(1, 1), padding=2, size=(16, 40)),
     dict(channels=56, kernel=(7, 7), stride=(3, 2), dilation=(1, 2), padding=(3, 6),
          size=(20, 64)),
@@ -392,6 +396,54 @@ def test_vectorized_forward_nhwc_pairs(case, dtype, isa, monkeypatch):
         channel_order = convops.depthwise_conv2d(x, w, b, *args)
         assert _C.cpu_path_counts().get(key, 0) - before == 1
         assert torch.equal(out, channel_order), "even/odd pairs differ from channel-order pairs"
+
+
+# float32 NHWC rows in place through non-temporal stores (CONVOPS_CPU_STREAM_STORES=1 forces
+# what large layers get by default): channel counts that are whole vectors on every ISA (48, 96)
+# stream; tails (20 with 16 or 8 lanes) cannot (unaligned vectors) and take cached stores.
+# Sliding pairs, pairs plus a single vector, strided and dilated rows, 5x5 single vectors.
+STREAM_CASES = [
+    dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(11, 30)),
+    dict(channels=96, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(13, 29)),
+    dict(channels=48, kernel=(3, 3), stride=(1, 1), dilation=(3, 3), padding=3, size=(12, 40)),
+    dict(channels=48, kernel=(5, 5), stride=(1, 1), dilation=(1, 1), padding=2, size=(9, 23)),
+    dict(channels=20, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(10, 21)),
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=lambda c: (
+    f"C{c['channels']}-k{c['kernel']}-s{c['stride']}-d{c['dilation']}").replace(" ", ""))
+def test_vectorized_forward_nhwc_streamed_stores(case, isa, monkeypatch):
+    """Streamed (non-temporal) output stores run where every full vector is aligned (asserted
+    by the path counter), at 1 and 3 threads, and give exactly what cached stores give; a small
+    layer does not stream by default."""
+    from convops import _C
+    _require_isa(isa)
+    monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", "inplace")
+    case = dict(case, multiplier=1, batch=3, bias=True, dtype=torch.float32, channels_last=True)
+    x, w, b = _inputs(case, "cpu", requires_grad=False)
+    args = (case["stride"], case["padding"], case["dilation"])
+    key = "depthwise_forward_nhwc_streamed:" + isa
+    streams = case["channels"] % _ISA_LANES[isa] == 0
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            monkeypatch.delenv("CONVOPS_CPU_STREAM_STORES", raising=False)
+            before = _C.cpu_path_counts().get(key, 0)
+            cached = convops.depthwise_conv2d(x, w, b, *args)  # small: cached stores
+            assert _C.cpu_path_counts().get(key, 0) == before
+            monkeypatch.setenv("CONVOPS_CPU_STREAM_STORES", "1")
+            out = convops.depthwise_conv2d(x, w, b, *args)
+            assert _last_forward_path().startswith("nhwc"), _last_forward_path()
+            assert _C.cpu_path_counts().get(key, 0) - before == int(streams)
+            assert torch.equal(out, cached), f"streamed stores differ at {t} threads"
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference(x.double(), w.double(), b.double(), *args)
+    assert_close(out, ref, torch.float32, f"forward, streamed, {isa}, seed {stable_seed(case)}")
 
 
 # Stride-1 rows of filters 8 or more wide run in wide sliding blocks of 8 pixels per dilation

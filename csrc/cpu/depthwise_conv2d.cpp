@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cinttypes>
+#include <cstdio>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -372,6 +374,23 @@ thread_local std::string last_forward_path = "none";
 
 std::string depthwise_forward_last_path() { return last_forward_path; }
 
+// The last-level cache's size in bytes, from Linux sysfs (32 MB where it cannot be read). Not
+// sysconf(_SC_LEVEL3_CACHE_SIZE): on the 2-core Zen 4 VM that says 320 MB where sysfs and lscpu
+// say 32 MB.
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t size = 0;
+    char unit = 0;
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      if (std::fscanf(f, "%" SCNd64 "%c", &size, &unit) < 1) size = 0;
+      std::fclose(f);
+    }
+    size *= unit == 'K' ? 1024 : unit == 'M' ? 1024 * 1024 : 1;
+    return size > 0 ? size : int64_t(32) << 20;
+  }();
+  return bytes;
+}
+
 // The float32/bfloat16 forward of cpu/depthwise_forward.h; false (nothing written) where the
 // generic kernels below must run: other dtypes, NHWC with a channel multiplier, kernels wider
 // than kDwMaxK, no x86 vector build, or CONVOPS_CPU_IMPL=generic.
@@ -440,6 +459,28 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // -> 0.92-0.97; batch 1 ties). CONVOPS_CPU_BF16_EVEN_ODD=0 turns it off.
     const bool even_odd = kBF16 && pairs && isa->nhwc_bf16_even_odd != nullptr &&
                           !env_is("CONVOPS_CPU_BF16_EVEN_ODD", "0");
+    // float32 rows in place store their output with non-temporal stores where input and output
+    // together pass half the last-level cache: a cached store first reads its line (read for
+    // ownership), so an output that will not stay in cache costs its bytes twice, and its
+    // lines evict the input. Needs every full vector aligned (lanes * 4 bytes): channel counts
+    // a multiple of the lanes. Measured on the 2-core Zen 4 VM (32 MB L3), each variant alone
+    // in its own process (kernel lab), cached -> streamed, ms (oneDNN alongside):
+    //   144@56 N8 (14.4 + 14.4 MB): 2 threads 0.60-1.76 -> 0.46-1.15 (0.51-1.84),
+    //                               1 thread 3.24-3.34 -> 1.44-2.05 (3.14-3.25)
+    //   32@112 N8 (12.8 + 12.8 MB): 2 threads 0.56-0.96 -> 0.38 (0.40-0.75), 1 thread 1.53-1.65
+    //                               -> 0.77-0.86 (1.28-1.69)
+    //   s2-144@56 N8 (14.4 + 3.6 MB): 0.22-0.57 -> 0.21-0.25;  d4-256@64 N2 (8.4 + 8.4 MB):
+    //                               0.44-0.57 -> 0.47 (0.51-0.89)
+    //   below the threshold, 144@56 N4 (7.2 + 7.2 MB): 0.20-0.38 -> 0.27-0.30; N2 0.10 ->
+    //                               0.14, N1 0.06 -> 0.07; 7x7-96@56 N4 and 5x5-240@28 N8 tie.
+    // Streaming leaves the output out of cache for the next layer; below the threshold it
+    // would have been there. CONVOPS_CPU_STREAM_STORES=1|0 forces it on (where aligned) or off.
+    const int64_t io_bytes = x.nbytes() + out.nbytes();
+    const bool stream_wanted = env_is("CONVOPS_CPU_STREAM_STORES", "1") ||
+                               (!env_is("CONVOPS_CPU_STREAM_STORES", "0") &&
+                                io_bytes > last_level_cache_bytes() / 2);
+    const bool streamed = kF32 && cl && !ring && stream_wanted && g.OC % lanes == 0 &&
+                          reinterpret_cast<uintptr_t>(j.y) % (lanes * sizeof(float)) == 0;
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC; with
     // even_odd, the pairs' blocks (all full blocks but an odd last one) in even / odd order.
     const int64_t paired_blocks = even_odd ? (g.OC / lanes) / 2 * 2 : 0;
@@ -478,7 +519,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     }
     if (cl) {
       const DwTaskFn fn = ring ? (kF32 ? isa->nhwc_ring_f32 : isa->nhwc_ring_bf16)
-                               : (kF32 ? isa->nhwc_f32
+                               : (kF32 ? (streamed ? isa->nhwc_f32_streamed : isa->nhwc_f32)
                                        : even_odd ? isa->nhwc_bf16_even_odd : isa->nhwc_bf16);
       at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     } else {
@@ -497,6 +538,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
         std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
         isa->name;
     if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
+    if (streamed) count_path(std::string("depthwise_forward_nhwc_streamed:") + isa->name);
     if (dw_seven_wide(j)) count_path(std::string("depthwise_forward_seven_wide:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);
     if (dw_wide_sevens(j, isa->lanes))

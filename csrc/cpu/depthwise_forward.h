@@ -43,6 +43,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "common/conv_geometry.h"
 #include "common/tensor_utils.h"
@@ -134,6 +135,8 @@ struct DwForwardIsa {
   // NHWC bf16 in place whose channel pairs hold even channels in the first vector and odd ones
   // in the second (weights packed to match in cpu/depthwise_conv2d.cpp), or null: see the AVX-512 build
   DwTaskFn nhwc_bf16_even_odd;
+  // NHWC float32 in place with non-temporal output stores (full vectors aligned to lanes * 4)
+  DwTaskFn nhwc_f32_streamed;
 };
 
 #ifdef CONVOPS_DW_FORWARD_X86

@@ -20,6 +20,7 @@ inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline V vload(const c10::BFloat16* p) { return load8(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline void vstream(float* p, V v) { _mm256_stream_ps(p, v); }  // p aligned to sizeof(V)
 inline void vstore(c10::BFloat16* p, V v) { store8(p, v); }
 // float channel tails (the first n < 8 lanes) through a lane mask, as in the AVX-512 build;
 // bf16 tails take the kernels header's generic ones (AVX2 has no 16-bit masked moves).

@@ -32,6 +32,7 @@ inline V vload(const c10::BFloat16* p) {
       _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline void vstream(float* p, V v) { _mm512_stream_ps(p, v); }  // p aligned to sizeof(V)
 // Where the CPU has AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4), bf16 stores round with
 // vcvtneps2bf16: round to nearest even as c10, but float32 denormals flush to zero and NaN
 // payloads are kept, so vectors holding either (rare) take the emulated rounding below and the

@@ -20,6 +20,7 @@ inline V vload(const c10::BFloat16* p) {
   return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64((const __m128i*)p)));
 }
 inline void vstore(float* p, V v) { _mm_storeu_ps(p, v); }
+inline void vstream(float* p, V v) { _mm_stream_ps(p, v); }  // p aligned to sizeof(V)
 inline void vstore(c10::BFloat16* p, V v) {
   alignas(16) float t[4];
   _mm_store_ps(t, v);
