@@ -10,6 +10,7 @@
 
 #include <array>
 #include <tuple>
+#include <vector>
 
 namespace convops {
 namespace {
@@ -20,6 +21,21 @@ using c10::IntArrayRef;
 using OptTensor = c10::optional<at::Tensor>;
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// Stride, padding and dilation: saved by every forward, read back by its backward.
+struct Geometry {
+  std::vector<int64_t> stride, padding, dilation;
+};
+void save_geometry(AutogradContext* ctx, IntArrayRef stride, IntArrayRef padding,
+                   IntArrayRef dilation) {
+  ctx->saved_data["stride"] = stride.vec();
+  ctx->saved_data["padding"] = padding.vec();
+  ctx->saved_data["dilation"] = dilation.vec();
+}
+Geometry saved_geometry(AutogradContext* ctx) {
+  return {ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
+          ctx->saved_data["dilation"].toIntVector()};
+}
 
 // depthwise_conv2d and dilated_conv2d share their signatures.
 using ConvSig = at::Tensor(const at::Tensor&, const at::Tensor&, const OptTensor&, IntArrayRef,
@@ -46,9 +62,7 @@ struct ConvFunction : torch::autograd::Function<ConvFunction<kForward, kBackward
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     static const auto op = find_op<ConvSig>(kForward);
     ctx->save_for_backward({input, weight});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
+    save_geometry(ctx, stride, padding, dilation);
     ctx->saved_data["has_bias"] = present(bias);
     return op.call(input, weight, bias, stride, padding, dilation);
   }
@@ -60,10 +74,9 @@ struct ConvFunction : torch::autograd::Function<ConvFunction<kForward, kBackward
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
                                       has_bias && ctx->needs_input_grad(2)};
+    const Geometry g = saved_geometry(ctx);
     auto [grad_input, grad_weight, grad_bias] =
-        op.call(grads[0], saved[0], saved[1], ctx->saved_data["stride"].toIntVector(),
-                ctx->saved_data["padding"].toIntVector(),
-                ctx->saved_data["dilation"].toIntVector(), mask);
+        op.call(grads[0], saved[0], saved[1], g.stride, g.padding, g.dilation, mask);
     // one entry per forward argument; undefined where no gradient was asked for
     return {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
             mask[2] ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
@@ -92,9 +105,7 @@ struct DeformFunction : torch::autograd::Function<DeformFunction> {
     static const auto op = find_op<DeformSig>("convops::deform_conv2d");
     const bool has_mask = present(mask);
     ctx->save_for_backward({input, weight, offset, has_mask ? *mask : at::Tensor()});
-    ctx->saved_data["stride"] = stride.vec();
-    ctx->saved_data["padding"] = padding.vec();
-    ctx->saved_data["dilation"] = dilation.vec();
+    save_geometry(ctx, stride, padding, dilation);
     ctx->saved_data["has_mask"] = has_mask;
     ctx->saved_data["has_bias"] = present(bias);
     return op.call(input, weight, offset, mask, bias, stride, padding, dilation);
@@ -111,10 +122,9 @@ struct DeformFunction : torch::autograd::Function<DeformFunction> {
         ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2),
         has_mask && ctx->needs_input_grad(3), has_bias && ctx->needs_input_grad(bias_edge)};
     const OptTensor mask = has_mask ? OptTensor(saved[3]) : c10::nullopt;
-    auto [grad_input, grad_weight, grad_offset, grad_mask, grad_bias] =
-        op.call(grads[0], saved[0], saved[1], saved[2], mask,
-                ctx->saved_data["stride"].toIntVector(), ctx->saved_data["padding"].toIntVector(),
-                ctx->saved_data["dilation"].toIntVector(), want);
+    const Geometry g = saved_geometry(ctx);
+    auto [grad_input, grad_weight, grad_offset, grad_mask, grad_bias] = op.call(
+        grads[0], saved[0], saved[1], saved[2], mask, g.stride, g.padding, g.dilation, want);
     auto pick = [](bool wanted, at::Tensor& g) { return wanted ? g : at::Tensor(); };
     return {pick(want[0], grad_input), pick(want[1], grad_weight), pick(want[2], grad_offset),
             pick(want[3], grad_mask),  pick(want[4], grad_bias),   at::Tensor(),
