@@ -129,8 +129,10 @@ def depthwise_forward_problem(draw):
     NHWC multiplier 1 in place and on the row ring): filters up to 7x7, and rows up to 13 wide
     (the wide sliding blocks of filters 8 or more wide), strides and dilations 1-3, padding up
     to the filter's size, 1-80 channels (vector tails and pairs; 32 and 64 often), maps up to
-    40x48, which NHWC path runs (the rule's or a forced one), and whether AVX-512's bf16 pairs
-    run in even / odd order (the rule) or in channel order (CONVOPS_CPU_BF16_EVEN_ODD=0)."""
+    40x48, which NHWC path runs (the rule's or a forced one), whether AVX-512's bf16 pairs
+    run in even / odd order (the rule) or in channel order (CONVOPS_CPU_BF16_EVEN_ODD=0), and
+    whether float32 NHWC rows store through non-temporal stores (CONVOPS_CPU_STREAM_STORES=1,
+    taken where the channels are whole vectors)."""
     # 3 wide often: the rows that take channel vectors in pairs
     kh, kw = draw(st.integers(1, 7)), draw(st.just(3) | st.integers(1, 7) | st.integers(8, 13))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -145,7 +147,8 @@ def depthwise_forward_problem(draw):
                 batch=draw(st.integers(1, 3)), bias=draw(st.booleans()),
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 nhwc=draw(st.sampled_from(["", "ring", "inplace"])),
-                even_odd=draw(st.sampled_from(["", "0"])))
+                even_odd=draw(st.sampled_from(["", "0"])),
+                stream=draw(st.sampled_from(["", "1"])))
 
 
 def _path_runs(prefix):
@@ -155,9 +158,10 @@ def _path_runs(prefix):
 def check_depthwise_forward(case):
     """The forward against float64 F.conv2d; returns the CPU forward path that ran (its layout
     part, "+wide" where its rows ran in wide sliding blocks, "+even-odd" where bf16 pairs ran
-    in even / odd channel order)."""
+    in even / odd channel order, "+streamed" where the output went through streamed stores)."""
     wide_before = _path_runs("depthwise_forward_wide_sliding:")
     even_odd_before = _path_runs("depthwise_forward_bf16_even_odd:")
+    streamed_before = _path_runs("depthwise_forward_nhwc_streamed:")
     gen = torch.Generator().manual_seed(stable_seed(case))
     c, oc = case["c"], case["c"] * case["multiplier"]
     x = relayout(torch.randn(case["batch"], c, *case["size"], generator=gen).to(case["dtype"]),
@@ -166,7 +170,8 @@ def check_depthwise_forward(case):
     b = torch.randn(oc, generator=gen).to(case["dtype"]) if case["bias"] else None
     args = (case["stride"], case["padding"], case["dilation"])
     with env_set("CONVOPS_CPU_NHWC", case["nhwc"]), \
-            env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]):
+            env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]), \
+            env_set("CONVOPS_CPU_STREAM_STORES", case["stream"]):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
@@ -174,13 +179,15 @@ def check_depthwise_forward(case):
     _FORWARD_ISAS.add(isa)
     return (path + ("+wide" if _path_runs("depthwise_forward_wide_sliding:") > wide_before else "")
             + ("+even-odd" if _path_runs("depthwise_forward_bf16_even_odd:") > even_odd_before
+               else "")
+            + ("+streamed" if _path_runs("depthwise_forward_nhwc_streamed:") > streamed_before
                else ""))
 
 
 _FORWARD_ISAS = set()
 
 
-@settings(FUZZ, max_examples=400)  # each example is small: ~4 s in all
+@settings(FUZZ, max_examples=500)  # each example is small: ~4 s in all
 @given(depthwise_forward_problem())
 def test_fuzz_cpu_depthwise_forward(case):
     check_depthwise_forward(case)
@@ -189,7 +196,8 @@ def test_fuzz_cpu_depthwise_forward(case):
 def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     """The forward fuzz examples reach every vectorized CPU forward path: NCHW, and NHWC in
     place (single channel vectors and pairs, with AVX-512 also bf16 pairs in even / odd order)
-    and on the row ring, each layout also in wide sliding blocks."""
+    and on the row ring, each layout also in wide sliding blocks; float32 rows in place also
+    through streamed stores."""
     import sys
     paths = collections.Counter()
     module = sys.modules[__name__]
@@ -202,3 +210,4 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     assert set(paths) >= {"nchw", "nhwc", "nhwc-pairs", "nhwc-ring", "nchw+wide", "nhwc+wide",
                           "nhwc-ring+wide"}, dict(paths)
     assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
+    assert {"nhwc-pairs+streamed", "nhwc+streamed"} <= set(paths), dict(paths)
