@@ -364,6 +364,10 @@ PAIR_CASES = [
     # even / odd bf16 pairs only
     dict(channels=80, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(7, 7)),
     dict(channels=64, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(9, 7)),
+    # an odd number of full vectors (56: AVX-512 a pair + 1 + a tail of 8, AVX2 3 pairs + 1):
+    # the odd one runs inside each sliding block, stride 1 (the last block shifted) and 2
+    dict(channels=56, kernel=(3, 3), stride=(1, 1), dilation=(1, 1), padding=1, size=(6, 20)),
+    dict(channels=56, kernel=(3, 3), stride=(2, 2), dilation=(1, 1), padding=1, size=(9, 37)),
 ]
 
 

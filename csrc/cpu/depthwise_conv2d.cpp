@@ -460,7 +460,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     const bool even_odd = kBF16 && pairs && isa->nhwc_bf16_even_odd != nullptr &&
                           !env_is("CONVOPS_CPU_BF16_EVEN_ODD", "0");
     // float32 rows in place store their output with non-temporal stores where input and output
-    // together pass half the last-level cache: a cached store first reads its line (read for
+    // together pass a third of the last-level cache: a cached store first reads its line (read for
     // ownership), so an output that will not stay in cache costs its bytes twice, and its
     // lines evict the input. Needs every full vector aligned (lanes * 4 bytes): channel counts
     // a multiple of the lanes. Measured on the 2-core Zen 4 VM (32 MB L3), each variant alone
@@ -471,14 +471,25 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     //                               -> 0.77-0.86 (1.28-1.69)
     //   s2-144@56 N8 (14.4 + 3.6 MB): 0.22-0.57 -> 0.21-0.25;  d4-256@64 N2 (8.4 + 8.4 MB):
     //                               0.44-0.57 -> 0.47 (0.51-0.89)
-    //   below the threshold, 144@56 N4 (7.2 + 7.2 MB): 0.20-0.38 -> 0.27-0.30; N2 0.10 ->
-    //                               0.14, N1 0.06 -> 0.07; 7x7-96@56 N4 and 5x5-240@28 N8 tie.
-    // Streaming leaves the output out of cache for the next layer; below the threshold it
-    // would have been there. CONVOPS_CPU_STREAM_STORES=1|0 forces it on (where aligned) or off.
+    //   144@56 N4 (7.2 + 7.2 MB): 2 threads 0.20-0.38 -> 0.27-0.30; N2 0.10 -> 0.14, N1 0.06
+    //                               -> 0.07; 7x7-96@56 N4 and 5x5-240@28 N8 tie.
+    // The threshold was half the cache until a later day (session 22) on the same VM, when
+    // cached N4 layers no longer stayed in L3 between calls; the op alone in its own process,
+    // cached -> streamed, ms (oneDNN alone alongside), 2 samples each:
+    //   144@56 N4 (7.2 + 7.2 MB): 1 thread 0.97-1.40 -> 0.45 (0.57-1.49), 2 threads 0.86-0.93
+    //                               -> 0.32-0.36 (0.31-0.42)
+    //   32@112 N4 (6.4 + 6.4 MB): 1 thread 0.40-0.79 -> 0.38-0.46 (0.42-0.45), 2 threads
+    //                               0.31-0.45 -> 0.28-0.29 (0.31-0.38)
+    //   below a third: s2-144@56 N4 (7.2 + 1.8 MB) 2 threads 0.10-0.13 -> 0.13-0.16, 1 thread
+    //                               0.19-0.20 -> 0.20-0.31; 144@56 N2 and N1 tie.
+    // Streamed times hold still from day to day; cached ones depend on how much of the L3 the
+    // other tenants leave. Streaming leaves the output out of cache for the next layer; below
+    // the threshold it would have been there. CONVOPS_CPU_STREAM_STORES=1|0 forces it on
+    // (where aligned) or off.
     const int64_t io_bytes = x.nbytes() + out.nbytes();
     const bool stream_wanted = env_is("CONVOPS_CPU_STREAM_STORES", "1") ||
                                (!env_is("CONVOPS_CPU_STREAM_STORES", "0") &&
-                                io_bytes > last_level_cache_bytes() / 2);
+                                io_bytes > last_level_cache_bytes() / 3);
     const bool streamed = kF32 && cl && !ring && stream_wanted && g.OC % lanes == 0 &&
                           reinterpret_cast<uintptr_t>(j.y) % (lanes * sizeof(float)) == 0;
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC; with

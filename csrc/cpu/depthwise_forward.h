@@ -13,9 +13,9 @@
 // to 7 wide take two channel vectors per register block (dw_rows_in_pairs), so each pixel's
 // channels are read and written as whole cache lines; with AVX-512, bf16 pairs hold even
 // channels in one vector and odd ones in the other (cheaper to widen and round; the weights are
-// packed to match). Large float32 layers (input + output over half the last-level cache) store
-// their output rows with non-temporal stores: no read for ownership of lines that would not
-// stay in cache anyway (the rule and its measurements: cpu/depthwise_conv2d.cpp).
+// packed to match). Large float32 layers (input + output over a third of the last-level cache)
+// store their output rows with non-temporal stores: no read for ownership of lines that would
+// not stay in cache anyway (the rule and its measurements: cpu/depthwise_conv2d.cpp).
 //
 // NHWC row ring (bf16, and stride-1 filters spanning many rows; the rule and its measurements are
 // in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation

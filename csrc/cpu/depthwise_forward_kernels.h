@@ -541,7 +541,9 @@ inline V block_bias(const DwForwardJob& j, int64_t cb) {
   return j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
 }
 
-// The first `vectors` (even) channel vectors of an output row, two at a time. Sliding rows (3x3
+// The first `vectors` full channel vectors of an output row, two at a time (an odd last one and
+// the channel tail are left to the caller where pair_rows returns false: they run inside the
+// sliding rows' blocks, see singles_block). Sliding rows (3x3
 // stride 1, and stride 2 without dilation) run pixel block outer, channel pairs inner: each
 // block reads its kh input rows as contiguous runs over all the pairs' channels, where a whole
 // row per pair reads R pixels at a stride of the pixel size. (1 thread, fp32, interleaved with
@@ -551,15 +553,37 @@ inline V block_bias(const DwForwardJob& j, int64_t cb) {
 // (576@14 0.93 -> 0.98x oneDNN in float32); 7-wide rows are one such block. Only where the
 // narrower block still holds 14 accumulators; AVX2's would hold 6, fewer than its 2 pipes x 4
 // cycles of latency.
-template <typename in_t, typename out_t>
-__attribute__((always_inline)) inline void pair_rows(const DwForwardJob& j,
+template <typename in_t, typename out_t, bool kSingles>
+__attribute__((always_inline)) inline bool pair_rows(const DwForwardJob& j,
                                                      const in_t* const* rows, int64_t in_px,
-                                                     int64_t vectors, out_t* out,
-                                                     int64_t out_px) {
+                                                     int64_t vectors, int nch_tail,
+                                                     out_t* out, int64_t out_px) {
   const int64_t taps = j.kh * j.kw;
   auto each_pair = [&](auto&& run) {
-    for (int64_t cb = 0; cb < vectors; cb += 2)
+    for (int64_t cb = 0; cb + 1 < vectors; cb += 2)
       run(cb * kLanes, j.w + cb * taps * kLanes, block_bias(j, cb), block_bias(j, cb + 1));
+  };
+  // An odd last full vector (144 channels: 4 pairs + 1) and the channel tail join each sliding
+  // block of the rows below as blocks of the same pixels, so every pixel's lines are read and
+  // written in one visit; after the pairs, along the whole row, they came back to lines that
+  // had left L1. (Kernel lab, N4 144@56, oneDNN / convops: fp32 1 thread 0.95-1.00 ->
+  // 0.98-1.03x, s2 1.13-1.20 -> 1.18-1.21; 2 threads s2 1.43 -> 1.47; bf16 s2 1 / 2 threads
+  // 1.06 -> 1.11, 1.34 -> 1.41.) Rows without either keep a loop of pairs alone (kSingles
+  // false): with the single blocks compiled in, 32@112 ran 3-5% slower.
+  const int64_t odd = vectors % 2;
+  auto singles_block = [&](int64_t ow0, auto width, auto stride) {
+    if constexpr (!kSingles) return;
+    constexpr int R = decltype(width)::value, S = decltype(stride)::value;
+    const int64_t cb = vectors - odd;
+    if (odd)
+      sliding_block_at<in_t, out_t, true, 3, R, 1, S>(j, rows, cb * kLanes, in_px,
+                                                      j.w + cb * taps * kLanes, block_bias(j, cb),
+                                                      ow0, out + cb * kLanes, out_px, kLanes);
+    if (nch_tail)
+      sliding_block_at<in_t, out_t, false, 3, R, 1, S>(j, rows, vectors * kLanes, in_px,
+                                                       j.w + vectors * taps * kLanes,
+                                                       block_bias(j, vectors), ow0,
+                                                       out + vectors * kLanes, out_px, nch_tail);
   };
   // Rows that 7 divides and 8 does not, undilated, at stride 1 and (3x3) stride 2, in blocks
   // of kPairW - 1 (stride 2, kernel lab, s2-144@56 N4 into 28 columns, 1 / 2 threads: fp32
@@ -568,37 +592,45 @@ __attribute__((always_inline)) inline void pair_rows(const DwForwardJob& j,
   if (kNarrow >= 7 && j.dw == 1 && j.Wo % kNarrow == 0 && j.Wo % kPairW != 0 &&
       (j.sw == 1 || (j.sw == 2 && j.kw == 3))) {
     auto narrow_blocks = [&](auto stride) {
-      for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow)
+      for (int64_t ow0 = 0; ow0 < j.Wo; ow0 += kNarrow) {
         each_pair([&](int64_t c0, const float* w, V b0, V b1) {
           sliding_block_at<in_t, out_t, true, 3, kNarrow, 2, decltype(stride)::value>(
               j, rows, c0, in_px, w, b0, ow0, out + c0, out_px, kLanes, b1);
         });
+        singles_block(ow0, std::integral_constant<int, kNarrow>(), stride);
+      }
     };
     if (j.sw == 1) narrow_blocks(std::integral_constant<int, 1>());
     else narrow_blocks(std::integral_constant<int, 2>());
-    return;
+    return true;
   }
   if (j.sw == 1) {  // dilated rows in runs of one phase, the last run shifted left
     const int64_t span = kPairW * j.dw;
     for (int64_t next = 0; next < j.Wo; next += span)
-      for (int64_t phase = 0; phase < j.dw; ++phase)
+      for (int64_t phase = 0; phase < j.dw; ++phase) {
         each_pair([&](int64_t c0, const float* w, V b0, V b1) {
           sliding_block_at<in_t, out_t, true, 3, kPairW, 2>(
               j, rows, c0, in_px, w, b0, std::min(next, j.Wo - span) + phase, out + c0, out_px,
               kLanes, b1);
         });
-    return;
+        singles_block(std::min(next, j.Wo - span) + phase, std::integral_constant<int, kPairW>(),
+                      std::integral_constant<int, 1>());
+      }
+    return true;
   }
   // stride 2 without dilation slides too: 2R + 1 loads per row and vector instead of 3R
   // (s2-144@56 channels_last, 2 threads: bf16 0.70 -> 0.80x oneDNN, fp32 0.83 -> 0.87)
   if (j.sw == 2 && j.kw == 3 && j.dw == 1 && j.Wo >= kPairW) {
-    for (int64_t next = 0; next < j.Wo; next += kPairW)
+    for (int64_t next = 0; next < j.Wo; next += kPairW) {
       each_pair([&](int64_t c0, const float* w, V b0, V b1) {
         sliding_block_at<in_t, out_t, true, 3, kPairW, 2, 2>(
             j, rows, c0, in_px, w, b0, std::min(next, j.Wo - kPairW), out + c0, out_px, kLanes,
             b1);
       });
-    return;
+      singles_block(std::min(next, j.Wo - kPairW), std::integral_constant<int, kPairW>(),
+                    std::integral_constant<int, 2>());
+    }
+    return true;
   }
   each_pair([&](int64_t c0, const float* w, V b0, V b1) {
     switch (j.kw) {
@@ -608,6 +640,7 @@ __attribute__((always_inline)) inline void pair_rows(const DwForwardJob& j,
       default: return blocked_row_pair<in_t, out_t, 0>(j, rows, c0, in_px, w, b0, b1, out + c0, out_px);
     }
   });
+  return false;
 }
 
 // One output row over `blocks` channel vectors (+ a tail of nch_tail channels). With `pairs`,
@@ -624,12 +657,11 @@ __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const
                                                     out_t* out, int64_t out_px,
                                                     bool pairs = false) {
   const int64_t taps = j.kh * j.kw;
-  int64_t cb = 0;
-  if (pairs) {
-    cb = blocks / 2 * 2;
-    pair_rows<in_t, out_t>(j, rows, in_px, cb, out, out_px);
-  }
-  for (; cb < blocks; ++cb) {
+  if (pairs && (blocks % 2 || nch_tail
+                    ? pair_rows<in_t, out_t, true>(j, rows, in_px, blocks, nch_tail, out, out_px)
+                    : pair_rows<in_t, out_t, false>(j, rows, in_px, blocks, 0, out, out_px)))
+    return;
+  for (int64_t cb = pairs ? blocks / 2 * 2 : 0; cb < blocks; ++cb) {
     conv_row_vector<in_t, out_t, true>(j, rows, cb * kLanes, in_px, j.w + cb * taps * kLanes,
                                        block_bias(j, cb), out + cb * kLanes, out_px, kLanes);
   }
