@@ -541,9 +541,9 @@ inline V block_bias(const DwForwardJob& j, int64_t cb) {
   return j.bias ? vload(j.bias + cb * kLanes) : vset1(0.f);
 }
 
-// The first `vectors` full channel vectors of an output row, two at a time (an odd last one and
-// the channel tail are left to the caller where pair_rows returns false: they run inside the
-// sliding rows' blocks, see singles_block). Sliding rows (3x3
+// The first `vectors` full channel vectors of an output row, two at a time; with kSingles, the
+// sliding rows also run an odd last one and the channel tail (see singles_block) and return
+// true, else the caller runs those. Sliding rows (3x3
 // stride 1, and stride 2 without dilation) run pixel block outer, channel pairs inner: each
 // block reads its kh input rows as contiguous runs over all the pairs' channels, where a whole
 // row per pair reads R pixels at a stride of the pixel size. (1 thread, fp32, interleaved with
@@ -569,7 +569,9 @@ __attribute__((always_inline)) inline bool pair_rows(const DwForwardJob& j,
   // had left L1. (Kernel lab, N4 144@56, oneDNN / convops: fp32 1 thread 0.95-1.00 ->
   // 0.98-1.03x, s2 1.13-1.20 -> 1.18-1.21; 2 threads s2 1.43 -> 1.47; bf16 s2 1 / 2 threads
   // 1.06 -> 1.11, 1.34 -> 1.41.) Rows without either keep a loop of pairs alone (kSingles
-  // false): with the single blocks compiled in, 32@112 ran 3-5% slower.
+  // false): with the single blocks compiled in, 32@112 ran 3-5% slower. Not with AVX2, whose
+  // 4-pixel blocks leave a single vector 4 accumulator chains (72@56 and 40@56 stride 1, 1
+  // thread: 0.295 -> 0.309 ms, 0.164 -> 0.179; stride 2 tied).
   const int64_t odd = vectors % 2;
   auto singles_block = [&](int64_t ow0, auto width, auto stride) {
     if constexpr (!kSingles) return;
@@ -602,7 +604,7 @@ __attribute__((always_inline)) inline bool pair_rows(const DwForwardJob& j,
     };
     if (j.sw == 1) narrow_blocks(std::integral_constant<int, 1>());
     else narrow_blocks(std::integral_constant<int, 2>());
-    return true;
+    return kSingles;
   }
   if (j.sw == 1) {  // dilated rows in runs of one phase, the last run shifted left
     const int64_t span = kPairW * j.dw;
@@ -616,7 +618,7 @@ __attribute__((always_inline)) inline bool pair_rows(const DwForwardJob& j,
         singles_block(std::min(next, j.Wo - span) + phase, std::integral_constant<int, kPairW>(),
                       std::integral_constant<int, 1>());
       }
-    return true;
+    return kSingles;
   }
   // stride 2 without dilation slides too: 2R + 1 loads per row and vector instead of 3R
   // (s2-144@56 channels_last, 2 threads: bf16 0.70 -> 0.80x oneDNN, fp32 0.83 -> 0.87)
@@ -630,7 +632,7 @@ __attribute__((always_inline)) inline bool pair_rows(const DwForwardJob& j,
       singles_block(std::min(next, j.Wo - kPairW), std::integral_constant<int, kPairW>(),
                     std::integral_constant<int, 2>());
     }
-    return true;
+    return kSingles;
   }
   each_pair([&](int64_t c0, const float* w, V b0, V b1) {
     switch (j.kw) {
@@ -657,7 +659,8 @@ __attribute__((always_inline)) inline void conv_row(const DwForwardJob& j, const
                                                     out_t* out, int64_t out_px,
                                                     bool pairs = false) {
   const int64_t taps = j.kh * j.kw;
-  if (pairs && (blocks % 2 || nch_tail
+  constexpr bool kSinglesInPairBlocks = kPairW >= 8;  // AVX-512 (see pair_rows)
+  if (pairs && (kSinglesInPairBlocks && (blocks % 2 || nch_tail)
                     ? pair_rows<in_t, out_t, true>(j, rows, in_px, blocks, nch_tail, out, out_px)
                     : pair_rows<in_t, out_t, false>(j, rows, in_px, blocks, 0, out, out_px)))
     return;
