@@ -607,6 +607,62 @@ def test_vectorized_forward_nhwc_channel_tails(channels, dtype, layout, monkeypa
         assert checked_bits >= 6, checked_bits
 
 
+# NCHW maps whose rows fit one AVX-512 vector (W, Wo <= 16) and filters up to 3 wide run one
+# plane per task, rows in lanes (cpu/depthwise_forward_kernels.h, nchw_narrow_planes): undilated
+# 3x3 stride-1 blocks of 7, 8 (the last shifted up), 4 or 1 rows; other filters, strides and
+# dilations row by row. (C, multiplier, H, W, kernel, stride, dilation, padding, bias, narrow)
+NARROW_CASES = [
+    (19, 1, 14, 14, (3, 3), 1, 1, 1, True, True),  # 14 rows: two blocks of 7
+    (5, 2, 23, 16, (3, 3), 1, 1, 1, False, True),  # all 16 lanes; blocks of 8, the last shifted
+    (3, 3, 5, 13, (3, 3), 1, 1, 0, True, True),  # 3 rows: one at a time
+    (4, 1, 7, 6, (3, 3), 1, 1, 2, True, True),  # 9x8 outputs, rows and columns with 1 or 2 taps
+    (6, 1, 14, 14, (3, 3), 2, 1, 1, True, True),  # stride 2
+    (6, 1, 16, 15, (3, 3), 3, 1, 1, False, True),  # stride 3
+    (4, 2, 12, 12, (3, 3), 1, 2, 2, True, True),  # dilation 2
+    (4, 1, 9, 11, (5, 3), 1, (1, 2), (2, 1), True, True),  # 5 rows tall, dilated columns
+    (3, 1, 10, 16, (1, 3), 1, 1, (0, 1), True, True),
+    (3, 1, 10, 16, (3, 1), (2, 1), 1, (1, 0), True, True),
+    (2, 1, 6, 1, (1, 1), 1, 1, 0, True, True),  # one pixel wide
+    (2, 1, 8, 17, (3, 3), 1, 1, 1, True, False),  # 17 wide: channel blocks
+    (2, 1, 8, 16, (3, 3), 1, 1, 2, True, False),  # 18 output columns: channel blocks
+    (2, 1, 14, 14, (5, 5), 1, 1, 2, True, False),  # 5 wide: channel blocks
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", NARROW_CASES, ids=lambda c: "C{}x{}-{}x{}-k{}-s{}-d{}-p{}".format(
+    *c[:8]).replace(" ", ""))
+def test_vectorized_forward_nchw_narrow(case, dtype, monkeypatch):
+    """Against float64 and against the channel blocks (CONVOPS_CPU_NCHW=blocks), with the path
+    asserted; undilated 3x3 stride-1 planes sum each output's taps in the channel blocks' order,
+    so their bits are equal. The input is a non-contiguous slice."""
+    from convops import _C
+    _require_isa("avx512")
+    monkeypatch.setenv("CONVOPS_CPU_ISA", "avx512")
+    C, m, H, W, kernel, stride, dil, pad, bias, narrow = case
+    g = torch.Generator().manual_seed(1418 + H * 17 + W)
+    x = torch.randn(2, C, H, W + 3, generator=g).to(dtype)[..., 2:W + 2]
+    assert not x.is_contiguous()
+    w = torch.randn(C * m, 1, *kernel, generator=g).to(dtype)
+    b = torch.randn(C * m, generator=g).to(dtype) if bias else None
+    args = (stride, pad, dil)
+    key = "depthwise_forward_nchw_narrow:avx512"
+    before = _C.cpu_path_counts().get(key, 0)
+    out = convops.depthwise_conv2d(x, w, b, *args)
+    assert _last_forward_path() == "nchw/avx512"
+    assert _C.cpu_path_counts().get(key, 0) - before == int(narrow)
+    monkeypatch.setenv("CONVOPS_CPU_NCHW", "blocks")
+    blocks = convops.depthwise_conv2d(x, w, b, *args)
+    assert _C.cpu_path_counts().get(key, 0) - before == int(narrow)
+    ref = reference(x.double(), w.double(), b.double() if bias else None, *args)
+    what = f"nchw narrow {case}, {dtype}, seed {1418 + H * 17 + W}"
+    assert_close(out, ref, dtype, what)
+    assert_close(blocks, ref, dtype, what + " (channel blocks)")
+    if kernel == (3, 3) and stride == 1 and dil == 1:
+        differ = (out != blocks).nonzero()
+        assert differ.numel() == 0, f"{what}: differs from the channel blocks at {differ[:4].tolist()}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nhwc_ring_dilated_rows_in_phase_order_any_thread_count(dtype, monkeypatch):
     """The NHWC ring walks dilated rows in phase order within each image of a task's range;

@@ -5,7 +5,8 @@ shared library (about 20-60 s on Zen 4, 2 minutes on Zen 3, against 7-11 minutes
 extension's AVX-512 file), and time variants against oneDNN, interleaved.
 
   python tools/dwf_lab.py build NAME [--rev REV] [--isa avx2] [-- -DFLAG ...]  # -> /tmp/dwf_lab/NAME.so
-  python tools/dwf_lab.py ab THREADS "N,C,H,k,s[,d];..." NAME,NAME [--bf16] [--ring] [--rounds 5]
+  python tools/dwf_lab.py ab THREADS "N,C,H,k,s[,d];..." NAME,NAME [--bf16|--paired] [--ring]
+                            [--rounds 5]
 
 `ab` checks each variant against F.conv2d before timing it and prints, per case and variant,
 the median time and the median ratio oneDNN / variant. The library skips the op's wrapper
@@ -45,6 +46,8 @@ DWF_LAB_ENTRY(lab_bf16, c10::BFloat16, nhwc_rows)
 DWF_LAB_ENTRY(lab_ring_f32, float, nhwc_ring_rows)
 DWF_LAB_ENTRY(lab_ring_bf16, c10::BFloat16, nhwc_ring_rows)
 '''
+# AVX-512's bf16 channel pairs in even / odd order (the op's default for bf16 channels_last)
+PAIRED_ENTRY = "DWF_LAB_ENTRY(lab_pbf16, PairedBF16, nhwc_rows)\n"
 
 
 def read(path, rev):
@@ -62,7 +65,8 @@ def build(name, rev, flags, isa):
     src = src.replace('#include "cpu/depthwise_forward_kernels.h"', f'#include "{name}_kernels.h"')
     src = src.replace('#include "cpu/depthwise_forward.h"',
                       '#include "cpu/depthwise_forward.h"\n#include <ATen/Parallel.h>', 1)
-    src = src.replace(f"}}  // namespace dw_{isa}", ENTRY + f"}}  // namespace dw_{isa}")
+    src = src.replace(f"}}  // namespace dw_{isa}", ENTRY + (PAIRED_ENTRY if isa == "avx512" else "") +
+                      f"}}  // namespace dw_{isa}")
     (LAB / f"{name}.cpp").write_text(src)
     lib = Path(ext.include_paths()[0]).parents[0] / "lib"
     cmd = (["g++", "-O3", "-std=c++20", "-fPIC", "-shared", "-fopenmp", f"-I{ROOT / 'csrc'}",
@@ -73,7 +77,7 @@ def build(name, rev, flags, isa):
     print(LAB / f"{name}.so")
 
 
-def ab(threads, cases, names, bf16, ring, rounds):
+def ab(threads, cases, names, bf16, ring, rounds, paired=False):
     import torch
     import torch.nn.functional as F
     sys.path.insert(0, str(ROOT))
@@ -92,12 +96,19 @@ def ab(threads, cases, names, bf16, ring, rounds):
         blocks = (C + lanes - 1) // lanes  # weights as the op packs them: [block][tap][lanes]
         wp = torch.zeros(blocks * lanes, k * k)
         wp[:C] = w.float().view(C, k * k)
+        if paired:  # the pairs' blocks in even / odd channel order, as the op packs them
+            pb = (C // lanes) // 2 * 2
+            order = torch.arange(blocks * lanes)
+            cb, l = order // lanes, order % lanes
+            order = torch.where(cb < pb, (cb // 2 * 2) * lanes + 2 * l + cb % 2, order)
+            wp = wp[order]
         wp = wp.view(blocks, lanes, k * k).transpose(1, 2).contiguous()
         ref = F.conv2d(x, w, None, s, p, d, C)
         Ho = (H + 2 * p - d * (k - 1) - 1) // s + 1
 
         def variant(lib):
-            fn = getattr(lib, ("lab_ring_" if ring else "lab_") + ("bf16" if bf16 else "f32"))
+            fn = getattr(lib, "lab_pbf16" if paired else
+                         ("lab_ring_" if ring else "lab_") + ("bf16" if bf16 else "f32"))
 
             def run(_):
                 y = torch.empty(N, C, Ho, Ho, dtype=dt, memory_format=torch.channels_last)
@@ -136,11 +147,14 @@ def main():
     a.add_argument("--bf16", action="store_true")
     a.add_argument("--ring", action="store_true", help="the row ring instead of the in-place rows")
     a.add_argument("--rounds", type=int, default=5)
+    a.add_argument("--paired", action="store_true",
+                   help="bf16 in place in even / odd channel pairs (AVX-512; implies --bf16)")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         build(args.name, args.rev, flags, args.isa)
     else:
-        ab(args.threads, args.cases, args.names.split(","), args.bf16, args.ring, args.rounds)
+        ab(args.threads, args.cases, args.names.split(","), args.bf16 or args.paired, args.ring,
+           args.rounds, args.paired)
 
 
 if __name__ == "__main__":

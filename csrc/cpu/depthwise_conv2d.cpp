@@ -448,6 +448,11 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
       if (env_is("CONVOPS_CPU_NHWC", "ring")) ring = true;
       if (env_is("CONVOPS_CPU_NHWC", "inplace")) ring = false;
     }
+    // NCHW maps whose rows fit one vector (AVX-512: up to 16 wide) run one plane per task,
+    // rows in lanes, without the channel blocks' transposes (cpu/depthwise_forward_kernels.h;
+    // ...). CONVOPS_CPU_NCHW=blocks keeps the channel blocks.
+    const bool narrow = !cl && isa->nchw_narrow_f32 != nullptr && dw_nchw_narrow(j, isa->lanes) &&
+                        !env_is("CONVOPS_CPU_NCHW", "blocks");
     const bool pairs = cl && !ring &&
                        dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
     // bf16 pairs in even / odd channel order (the AVX-512 build): fewer ALU ops per load and
@@ -533,6 +538,10 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
                                : (kF32 ? (streamed ? isa->nhwc_f32_streamed : isa->nhwc_f32)
                                        : even_odd ? isa->nhwc_bf16_even_odd : isa->nhwc_bf16);
       at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
+    } else if (narrow) {
+      const DwTaskFn fn = kF32 ? isa->nchw_narrow_f32 : isa->nchw_narrow_bf16;
+      const int64_t grain = std::max<int64_t>(1, 4096 / (g.Ho * taps));  // planes per task
+      at::parallel_for(0, g.N * g.OC, grain, [&](int64_t begin, int64_t end) { fn(j, begin, end); });
     } else {
       // Strips of output rows give every thread several tasks even at batch 1 with few
       // channel blocks; each strip re-reads only its (kh-1)*dh halo rows.
@@ -549,6 +558,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
         std::string(cl ? (ring ? "nhwc-ring/" : pairs ? "nhwc-pairs/" : "nhwc/") : "nchw/") +
         isa->name;
     if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
+    if (narrow) count_path(std::string("depthwise_forward_nchw_narrow:") + isa->name);
     if (streamed) count_path(std::string("depthwise_forward_nhwc_streamed:") + isa->name);
     if (dw_seven_wide(j)) count_path(std::string("depthwise_forward_seven_wide:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);

@@ -139,7 +139,18 @@ struct DwForwardIsa {
   DwTaskFn nhwc_bf16_even_odd;
   // NHWC float32 in place with non-temporal output stores (full vectors aligned to lanes * 4)
   DwTaskFn nhwc_f32_streamed;
+  // NCHW maps whose input and output rows fit one vector (dw_nchw_narrow), one plane per task,
+  // or null (ISAs without lane permutes and masks: AVX-512 only)
+  DwTaskFn nchw_narrow_f32, nchw_narrow_bf16;
 };
+
+// Whether NCHW runs on the narrow-map planes (cpu/depthwise_forward_kernels.h): input and output
+// rows at most `lanes` wide, filters up to 3 wide. (7x7 at 14 wide ran 0.33 -> 0.49 ms there:
+// 14 of 16 lanes, a permute per input row and tap column, and its 49 weights did not fit in
+// registers.)
+inline bool dw_nchw_narrow(const DwForwardJob& j, int lanes) {
+  return j.W <= lanes && j.Wo <= lanes && j.kw <= 3;
+}
 
 #ifdef CONVOPS_DW_FORWARD_X86
 

@@ -46,6 +46,18 @@ constexpr int kBf16ConvertUnexact = 0x01 | 0x20 | 0x80;  // vfpclassps: QNaN, de
 inline bool bf16_convert_exact(V v) {
   return kCpuHasBf16Convert && _mm512_fpclass_ps_mask(v, kBf16ConvertUnexact) == 0;
 }
+// The same test over a whole register block (store_block of the kernels header): one branch.
+template <int CV, int R>
+inline bool block_converts_exact(const V (&acc)[CV][R]) {
+  if (!kCpuHasBf16Convert) return false;
+  __mmask16 unexact = 0;
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+    for (int h = 0; h < CV; ++h) unexact |= _mm512_fpclass_ps_mask(acc[h][r], kBf16ConvertUnexact);
+  return unexact == 0;
+}
+constexpr bool tests_store_blocks(const c10::BFloat16*) { return true; }
 // v's bits rounded to nearest even at bit 16 (c10's rule: the bf16 is the high half); NaN ->
 // 0x7FC0. Shared by the channel-order store below and the even / odd pair store.
 inline __m512i bf16_rounded_high(V v) {
@@ -61,19 +73,28 @@ inline __m512i bf16_rounded_high(V v) {
 // 0.87-0.88x, s2-144@56 0.70-0.71 -> 0.76-0.77x, 240@28 k5 0.87 -> 0.90x). Widening loads
 // through a word permute instead of vpmovzxwd + shift measured slower on 5x5 and 7x7 (240@28
 // 0.88 -> 0.79x) and was not kept.
-inline __m256i bf16_rounded(V v) {
-  if (__builtin_expect(bf16_convert_exact(v), 1)) {
-    __m256i r;
-    asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
-    return r;
-  }
+// std::true_type: through vcvtneps2bf16, where the caller has tested v (bf16_convert_exact);
+// std::false_type: emulated; no tag: tests v.
+inline __m256i bf16_rounded(V v, std::true_type) {
+  __m256i r;
+  asm("vcvtneps2bf16 %1, %0" : "=v"(r) : "v"(v));
+  return r;
+}
+inline __m256i bf16_rounded(V v, std::false_type) {
   const __m512i odd_words = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, (31 << 16) | 29,
                                              (27 << 16) | 25, (23 << 16) | 21, (19 << 16) | 17,
                                              (15 << 16) | 13, (11 << 16) | 9, (7 << 16) | 5,
                                              (3 << 16) | 1);
   return _mm512_castsi512_si256(_mm512_permutexvar_epi16(odd_words, bf16_rounded_high(v)));
 }
-inline void vstore(c10::BFloat16* p, V v) { _mm256_storeu_si256((__m256i*)p, bf16_rounded(v)); }
+inline __m256i bf16_rounded(V v) {
+  if (__builtin_expect(bf16_convert_exact(v), 1)) return bf16_rounded(v, std::true_type());
+  return bf16_rounded(v, std::false_type());
+}
+template <typename... Rounding>
+inline void vstore(c10::BFloat16* p, V v, Rounding... how) {
+  _mm256_storeu_si256((__m256i*)p, bf16_rounded(v, how...));
+}
 // Channel tails (the first n < 16 lanes) through a lane mask: masked-off lanes are neither read
 // nor written (and cannot fault), and the kept lanes get the same arithmetic, so results equal
 // the generic tails' of the kernels header, which go through a stack buffer one element at a
@@ -87,10 +108,28 @@ inline V vload_part(const c10::BFloat16* p, int n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 inline void vstore_part(float* p, V v, int n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
-inline void vstore_part(c10::BFloat16* p, V v, int n) {
-  _mm256_mask_storeu_epi16(p, first_lanes(n), bf16_rounded(v));
+template <typename... Rounding>
+inline void vstore_part(c10::BFloat16* p, V v, int n, Rounding... how) {
+  _mm256_mask_storeu_epi16(p, first_lanes(n), bf16_rounded(v, how...));
 }
 #include "cpu/depthwise_forward_x86_8.h"
+
+// Lane permutes and masked FMAs for the NCHW narrow-map planes of the kernels header.
+#define DWF_HAS_LANE_PERMUTE 1
+using LaneIndex = __m512i;
+using LaneMask = __mmask16;
+// lane i takes element i * step + shift (its low 4 bits; the lanes that matter are in range)
+inline LaneIndex lane_index(int64_t step, int64_t shift) {
+  return _mm512_add_epi32(_mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7,
+                                                              6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(int(step))),
+                          _mm512_set1_epi32(int(shift)));
+}
+inline LaneMask lanes_between(int64_t lo, int64_t hi) {  // lanes [lo, hi), 0 <= lo <= hi <= 16
+  return static_cast<LaneMask>(((1u << hi) - 1) & ~((1u << lo) - 1));
+}
+inline V vpermute(V v, LaneIndex i) { return _mm512_permutexvar_ps(i, v); }
+inline V vfma_lanes(V a, V b, V c, LaneMask m) { return _mm512_mask3_fmadd_ps(a, b, c, m); }
 
 // bf16 channel pairs (NHWC in place), even / odd: a pair's 32 bf16 channels are one 64-byte load,
 // and each 32-bit word of it holds channels 2i (low half) and 2i + 1 (high half), so a shift
@@ -110,27 +149,36 @@ inline void vload_pair(const PairedBF16* p, V& even, V& odd) {
   even = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
   odd = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
-inline void vstore_pair(PairedBF16* p, V even, V odd) {
-  if (__builtin_expect(bf16_convert_exact(even) && bf16_convert_exact(odd), 1)) {
-    __m512i halves;  // even channels in words 0-15, odd ones in 16-31; the permute interleaves
-    asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(halves) : "v"(odd), "v"(even));
-    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
-                                                25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
-                                                18, 2, 17, 1, 16, 0);
-    _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, halves));
-    return;
-  }
+inline void vstore_pair(PairedBF16* p, V even, V odd, std::true_type) {
+  __m512i halves;  // even channels in words 0-15, odd ones in 16-31; the permute interleaves
+  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(halves) : "v"(odd), "v"(even));
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10,
+                                              25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3,
+                                              18, 2, 17, 1, 16, 0);
+  _mm512_storeu_si512(p, _mm512_permutexvar_epi16(interleave, halves));
+}
+inline void vstore_pair(PairedBF16* p, V even, V odd, std::false_type) {
   const __m512i low = _mm512_srli_epi32(bf16_rounded_high(even), 16);
   _mm512_storeu_si512(p, _mm512_mask_blend_epi16(0xAAAAAAAAu, low, bf16_rounded_high(odd)));
 }
+inline void vstore_pair(PairedBF16* p, V even, V odd) {
+  if (__builtin_expect(bf16_convert_exact(even) && bf16_convert_exact(odd), 1))
+    vstore_pair(p, even, odd, std::true_type());
+  else
+    vstore_pair(p, even, odd, std::false_type());
+}
 // the single vectors and channel tails of the even / odd rows are in channel order
 inline V vload_part(const PairedBF16* p, int n) { return vload_part(static_cast<const c10::BFloat16*>(p), n); }
-inline void vstore_part(PairedBF16* p, V v, int n) { vstore_part(static_cast<c10::BFloat16*>(p), v, n); }
+template <typename... Rounding>
+inline void vstore_part(PairedBF16* p, V v, int n, Rounding... how) {
+  vstore_part(static_cast<c10::BFloat16*>(p), v, n, how...);
+}
 #define DWF_PAIRED_BF16 1
 
 #include "cpu/depthwise_forward_kernels.h"
 #undef DWF_PAIRED_BF16
 #undef DWF_HAS_TRANSPOSE8
+#undef DWF_HAS_LANE_PERMUTE
 }  // namespace dw_avx512
 #pragma GCC pop_options
 #pragma GCC diagnostic pop

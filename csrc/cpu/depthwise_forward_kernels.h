@@ -37,9 +37,9 @@ template <typename T>
 inline void vload_pair(const T* p, V& a, V& b) {
   a = vload(p), b = vload(p + kLanes);
 }
-template <typename T>
-inline void vstore_pair(T* p, V a, V b) {
-  vstore(p, a), vstore(p + kLanes, b);
+template <typename T, typename... Rounding>
+inline void vstore_pair(T* p, V a, V b, Rounding... how) {
+  vstore(p, a, how...), vstore(p + kLanes, b, how...);
 }
 // Float output through non-temporal (streaming) stores: each full vector goes to memory
 // without its line being read first (no read for ownership) and without evicting cached input.
@@ -56,6 +56,42 @@ inline void vstore_part(StreamedF32* p, V v, int n) { vstore_part(&p->value, v, 
 constexpr bool pair_loads_together(const void*) { return false; }
 template <typename T>
 constexpr bool kPairLoadsTogether = pair_loads_together(static_cast<const T*>(nullptr));
+
+// The R output pixels of a register block (pixel r at o + r * px_step), CV channel vectors each.
+// Where an ISA rounds bf16 with an instruction that is exact on all but rare values (AVX-512
+// with AVX512_BF16: not on float32 denormals and NaN payloads), it declares
+// tests_store_blocks for the element type, and one test of the whole block (its
+// block_converts_exact) picks how every vector of it rounds: vstore(..., std::true_type) through
+// the instruction, std::false_type emulated. A test and a branch per vector ran every pixel's
+// store after the block's last FMA (AVX-512 kernel lab, bf16 even / odd pairs, 1 thread, one
+// block test: ...).
+constexpr bool tests_store_blocks(const void*) { return false; }
+template <typename T>
+constexpr bool kTestsStoreBlocks = tests_store_blocks(static_cast<const T*>(nullptr));
+template <typename out_t, bool kFull, int CV, int R, typename... Rounding>
+__attribute__((always_inline)) inline void store_each(out_t* o, int64_t px_step,
+                                                      const V (&acc)[CV][R], int nch,
+                                                      Rounding... how) {
+  static_assert(kFull || CV == 1, "channel tails come one vector at a time");
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    if constexpr (CV == 2) vstore_pair(o + r * px_step, acc[0][r], acc[1][r], how...);
+    else if constexpr (kFull) vstore(o + r * px_step, acc[0][r], how...);
+    else vstore_part(o + r * px_step, acc[0][r], nch, how...);
+  }
+}
+template <typename out_t, bool kFull, int CV, int R>
+__attribute__((always_inline)) inline void store_block(out_t* o, int64_t px_step,
+                                                       const V (&acc)[CV][R], int nch) {
+  if constexpr (kTestsStoreBlocks<out_t>) {
+    if (__builtin_expect(block_converts_exact(acc), 1))
+      store_each<out_t, kFull>(o, px_step, acc, nch, std::true_type());
+    else
+      store_each<out_t, kFull>(o, px_step, acc, nch, std::false_type());
+  } else {
+    store_each<out_t, kFull>(o, px_step, acc, nch);
+  }
+}
 
 // acc[r] += w[tap] * in[ow0 + r][tap] over the valid taps of one block of R output pixels and
 // one channel vector; the R accumulators stay in registers over all kh*kw taps. Checked blocks
@@ -114,12 +150,7 @@ __attribute__((always_inline)) inline void pixel_block(const DwForwardJob& j,
       }
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if constexpr (CV == 2) vstore_pair(out + (ow0 + r) * out_px, acc[0][r], acc[1][r]);
-    else if (kFull) vstore(out + (ow0 + r) * out_px, acc[0][r]);
-    else vstore_part(out + (ow0 + r) * out_px, acc[0][r], nch);
-  }
+  store_block<out_t, kFull>(out + ow0 * out_px, out_px, acc, nch);
 }
 
 // One output pixel at a border: only the taps whose input column is inside (a contiguous kx
@@ -234,13 +265,7 @@ __attribute__((always_inline)) inline void sliding_block(const DwForwardJob& j,
       }
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    out_t* o = out + (ow0 + r * dw) * out_px;
-    if constexpr (CV == 2) vstore_pair(o, acc[0][r], acc[1][r]);
-    else if (kFull) vstore(o, acc[0][r]);
-    else vstore_part(o, acc[0][r], nch);
-  }
+  store_block<out_t, kFull>(out + ow0 * out_px, dw * out_px, acc, nch);
 }
 
 template <typename in_t, typename out_t, bool kFull, int KW, int R, int CV = 1, int S = 1,
@@ -331,9 +356,9 @@ __attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob
   const OutputRange<int64_t> cols = dw_columns_inside(j, ic0, dw, R + kw - 1);
   const int64_t qa = cols.first, qb = cols.last;  // the window columns inside the image
   const int64_t head_end = std::min<int64_t>(qb, R - 1), mid_end = std::min<int64_t>(qb, kw);
-  V acc[R];
+  V acc[1][R];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) acc[r] = bias;
+  for (int r = 0; r < R; ++r) acc[0][r] = bias;
   for (int64_t ky = 0; ky < j.kh; ++ky) {
     if (rows[ky] == nullptr) continue;
     const in_t* p = rows[ky] + c0 + (ic0 + qa * dw) * in_px;
@@ -344,27 +369,23 @@ __attribute__((always_inline)) inline void wide_sliding_block(const DwForwardJob
       const V v = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
-        if (r <= q) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+        if (r <= q) acc[0][r] = vfma(vload(wq - r * kLanes), v, acc[0][r]);
     }
     // middle: every pixel
     for (; q < mid_end; ++q, p += col_step, wq += kLanes) {
       const V v = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 16
-      for (int r = 0; r < R; ++r) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+      for (int r = 0; r < R; ++r) acc[0][r] = vfma(vload(wq - r * kLanes), v, acc[0][r]);
     }
     // tail: pixels r > q - kw
     for (; q < qb; ++q, p += col_step, wq += kLanes) {
       const V v = kFull ? vload(p) : vload_part(p, nch);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
-        if (r > q - kw) acc[r] = vfma(vload(wq - r * kLanes), v, acc[r]);
+        if (r > q - kw) acc[0][r] = vfma(vload(wq - r * kLanes), v, acc[0][r]);
     }
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r) {
-    if (kFull) vstore(out + (ow0 + r * dw) * out_px, acc[r]);
-    else vstore_part(out + (ow0 + r * dw) * out_px, acc[r], nch);
-  }
+  store_block<out_t, kFull>(out + ow0 * out_px, dw * out_px, acc, nch);
 }
 
 // A whole row (at least kWideR * dw wide) in wide sliding blocks: runs of kWideR * dw pixels,
@@ -424,9 +445,9 @@ __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
     const int64_t px_step = j.sw * in_px, tap_step = j.dw * in_px;
     for (int64_t next = lo; next < hi; next += kBlockW) {
       const int64_t ow0 = std::min(next, hi - kBlockW);
-      V acc[kBlockW];
+      V acc[1][kBlockW];
 #pragma GCC unroll 16
-      for (int r = 0; r < kBlockW; ++r) acc[r] = bias;
+      for (int r = 0; r < kBlockW; ++r) acc[0][r] = bias;
 #pragma GCC unroll 3
       for (int ky = 0; ky < 3; ++ky) {
         const in_t* base = rows[ky] + c0 + (ow0 * j.sw - j.pw) * in_px;
@@ -435,16 +456,12 @@ __attribute__((always_inline)) inline void interior_run(const DwForwardJob& j,
           const in_t* p = base + kx * tap_step;
 #pragma GCC unroll 16
           for (int r = 0; r < kBlockW; ++r)
-            acc[r] = vfma(wv[ky * 3 + kx],
-                          kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
-                          acc[r]);
+            acc[0][r] = vfma(wv[ky * 3 + kx],
+                             kFull ? vload(p + r * px_step) : vload_part(p + r * px_step, nch),
+                             acc[0][r]);
         }
       }
-#pragma GCC unroll 16
-      for (int r = 0; r < kBlockW; ++r) {
-        if (kFull) vstore(out + (ow0 + r) * out_px, acc[r]);
-        else vstore_part(out + (ow0 + r) * out_px, acc[r], nch);
-      }
+      store_block<out_t, kFull>(out + ow0 * out_px, out_px, acc, nch);
     }
     return;
   }
@@ -908,6 +925,124 @@ void nchw_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
   }
 }
 
+#if DWF_HAS_LANE_PERMUTE
+// NCHW maps at most kLanes wide (14x14 and 7x7 with AVX-512): one output row per vector, its Wo
+// pixels in lanes, one plane per task. Each input row the output row needs is one masked load
+// (its W <= kLanes pixels), and tap kx's input pixels are a lane permute of it (lane ow takes
+// pixel ow * sw + kx * dw - pw), applied by an FMA masked to the lanes [lo[kx], hi[kx]) where
+// that pixel is inside: the taps of every pixel in row-major order in one chain, out-of-image
+// taps skipped, as the channel-block rows do. No transposes: the channel-block path moved each
+// input and output element through an 8x8 transpose and a ring row, more ALU work than its
+// FMAs (576@14 k3, N4 float32, 1 thread: ...).
+// One block of R output rows from oh0 of one plane (in, out; w: tap i's weight at
+// w[i * kLanes]): each input row the block reads is loaded and permuted once, for all the
+// block's rows that read it; their R accumulators are independent chains. K > 0: undilated
+// K x K filters at vertical stride 1, where which (row, tap row) pairs meet is known at compile
+// time (fully unrolled: the runtime pairing cost more scalar work than the FMAs, 576@14 ...).
+template <typename T, int K, int R, int KW = K>
+__attribute__((always_inline)) inline void narrow_block(const DwForwardJob& j, const T* in,
+                                                        T* out, const float* w, const V* wv,
+                                                        V bias, int64_t oh0,
+                                                        const LaneIndex* index,
+                                                        const LaneMask* inside) {
+  static_assert(KW > 0 && (K == 0 || K == KW), "a compile-time filter width");
+  V acc[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc[r] = bias;
+  const int64_t top = oh0 * j.sh - j.ph;  // input row of block row 0's tap row 0
+  if constexpr (K != 0) {
+#pragma GCC unroll 16
+    for (int q = 0; q < R + K - 1; ++q) {  // input row top + q
+      const int64_t ih = top + q;
+      if (ih < 0 || ih >= j.H) continue;
+      const V row = vload_part(in + ih * j.W, static_cast<int>(j.W));
+      V tap[K];
+#pragma GCC unroll 8
+      for (int kx = 0; kx < K; ++kx) tap[kx] = vpermute(row, index[kx]);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int ky = q - r;
+        if (ky < 0 || ky >= K) continue;
+#pragma GCC unroll 8
+        for (int kx = 0; kx < K; ++kx)
+          acc[r] = vfma_lanes(wv[ky * K + kx], tap[kx], acc[r], inside[kx]);
+      }
+    }
+  } else {
+    const int64_t ih0 = std::max<int64_t>(top, 0);
+    const int64_t ih1 = std::min(j.H, top + (R - 1) * j.sh + (j.kh - 1) * j.dh + 1);
+    for (int64_t ih = ih0; ih < ih1; ++ih) {
+      const V row = vload_part(in + ih * j.W, static_cast<int>(j.W));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        const int64_t dy = ih - (top + r * j.sh);  // = ky * dh for the row's tap row ky
+        if (dy < 0 || dy >= j.kh * j.dh) continue;
+        int64_t ky = dy;
+        if (j.dh != 1) {  // (a division per row and tap row: undilated rows skip it)
+          if (dy % j.dh != 0) continue;
+          ky = dy / j.dh;
+        }
+        const float* wk = w + ky * KW * kLanes;
+#pragma GCC unroll 8
+        for (int kx = 0; kx < KW; ++kx)
+          acc[r] = vfma_lanes(vset1(wk[kx * kLanes]), vpermute(row, index[kx]), acc[r],
+                              inside[kx]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+    vstore_part(out + (oh0 + r) * j.Wo, acc[r], static_cast<int>(j.Wo));
+}
+template <typename T, int K, int R, int KW = K>
+void nchw_narrow_planes(const DwForwardJob& j, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(j.x);
+  T* y = static_cast<T*>(j.y);
+  const int64_t taps = j.kh * j.kw;
+  LaneIndex index[kDwMaxK];
+  LaneMask inside[kDwMaxK];
+  for (int64_t kx = 0; kx < j.kw; ++kx) {
+    index[kx] = lane_index(j.sw, kx * j.dw - j.pw);
+    inside[kx] = lanes_between(j.lo[kx], j.hi[kx]);
+  }
+  for (int64_t t = begin; t < end; ++t) {  // t: output plane n * OC + oc
+    const int64_t oc = t % j.OC, n = t / j.OC;
+    const T* in = x + (n * j.C + oc / j.multiplier) * j.H * j.W;
+    const float* w = j.w + (oc / kLanes) * taps * kLanes + oc % kLanes;
+    const V bias = vset1(j.bias ? j.bias[oc] : 0.f);
+    // K > 0: the weights in registers, an opaque use each so that GCC does not broadcast
+    // them from memory in every FMA (a third slower per FMA on Zen 4)
+    V wv[K * K + 1];
+#pragma GCC unroll 16
+    for (int i = 0; i < K * K; ++i) {
+      wv[i] = vset1(w[i * kLanes]);
+      asm("" : "+v"(wv[i]));
+    }
+    for (int64_t next = 0; next < j.Ho; next += R)  // the last block shifted up
+      narrow_block<T, K, R, KW>(j, in, y + t * j.Ho * j.Wo, w, wv, bias, std::min(next, j.Ho - R),
+                            index, inside);
+  }
+}
+// Blocks of 7 rows where 7 divides Ho (14, 7), else 8 (recomputing a few rows of a shifted
+// last block, bit-identically), 4 or 1.
+template <typename T, int K>
+void nchw_narrow_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
+  if (j.Ho % 7 == 0) return nchw_narrow_planes<T, K, 7>(j, begin, end);
+  if (j.Ho >= 8) return nchw_narrow_planes<T, K, 8>(j, begin, end);
+  if (j.Ho >= 4) return nchw_narrow_planes<T, K, 4>(j, begin, end);
+  nchw_narrow_planes<T, K, 1>(j, begin, end);
+}
+template <typename T>
+void nchw_narrow_tasks(const DwForwardJob& j, int64_t begin, int64_t end) {
+  if (j.sh == 1 && j.dh == 1 && j.kh == 3 && j.kw == 3) return nchw_narrow_rows<T, 3>(j, begin, end);
+  switch (j.kw) {  // other rows one at a time (stride 2 or dilation: few shared input rows)
+    case 1: return nchw_narrow_planes<T, 0, 1, 1>(j, begin, end);
+    case 2: return nchw_narrow_planes<T, 0, 1, 2>(j, begin, end);
+    default: return nchw_narrow_planes<T, 0, 1, 3>(j, begin, end);
+  }
+}
+#endif
+
 // The packed weights of one channel block, dst[tap][l] = planes[l][tap] (lanes past nch zero):
 // the input rows' transpose, 8x8 tiles in registers where the ISA has them.
 template <typename T>
@@ -932,4 +1067,11 @@ const DwForwardIsa kIsa{kIsaName,
 #else
                         nullptr,
 #endif
-                        nhwc_rows<float, StreamedF32>};
+                        nhwc_rows<float, StreamedF32>,
+#if DWF_HAS_LANE_PERMUTE
+                        nchw_narrow_tasks<float>,
+                        nchw_narrow_tasks<c10::BFloat16>};
+#else
+                        nullptr,
+                        nullptr};
+#endif
