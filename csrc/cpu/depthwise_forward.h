@@ -31,8 +31,11 @@
 // into a ring of (kh-1)*dh+1 rows of [W][kLanes] floats (4*kLanes bytes per input pixel of the
 // block, written once per row and strip and read from L1/L2 by every tap; an input row is
 // re-transposed only for the halo of the next strip) and transposes each output row back
-// ([Wo][kLanes] floats, L1). The only memory the forward keeps is per-thread scratch: the ring,
-// the output row, and the weights packed per channel block as [block][tap][kLanes] floats.
+// ([Wo][kLanes] floats, L1). Maps whose rows fit one vector (AVX-512: at most 16 wide) under
+// filters up to 3 wide skip the transposes: one plane per task, each output row in the lanes of
+// one vector, each tap column a lane permute of the input row (dw_nchw_narrow). The only memory
+// the forward keeps is per-thread scratch: the ring, the output row, and the weights packed per
+// channel block as [block][tap][kLanes] floats.
 //
 // Every output element is summed in one fixed order (taps in row-major order) whatever the
 // thread count: deterministic. The ISA is chosen at run time (AVX-512, AVX2+FMA, SSE2);
