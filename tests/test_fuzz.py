@@ -132,7 +132,8 @@ def depthwise_forward_problem(draw):
     40x48, which NHWC path runs (the rule's or a forced one), whether AVX-512's bf16 pairs
     run in even / odd order (the rule) or in channel order (CONVOPS_CPU_BF16_EVEN_ODD=0), and
     whether float32 NHWC rows store through non-temporal stores (CONVOPS_CPU_STREAM_STORES=1,
-    taken where the channels are whole vectors)."""
+    taken where the channels are whole vectors), and whether NCHW maps at most 16 wide run as
+    AVX-512 planes (the rule) or in channel blocks (CONVOPS_CPU_NCHW=blocks)."""
     # 3 wide often: the rows that take channel vectors in pairs
     kh, kw = draw(st.integers(1, 7)), draw(st.just(3) | st.integers(1, 7) | st.integers(8, 13))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -148,7 +149,8 @@ def depthwise_forward_problem(draw):
                 dtype=draw(st.sampled_from([torch.float32, torch.bfloat16])),
                 nhwc=draw(st.sampled_from(["", "ring", "inplace"])),
                 even_odd=draw(st.sampled_from(["", "0"])),
-                stream=draw(st.sampled_from(["", "1"])))
+                stream=draw(st.sampled_from(["", "1"])),
+                nchw=draw(st.sampled_from(["", "", "blocks"])))
 
 
 def _path_runs(prefix):
@@ -158,10 +160,12 @@ def _path_runs(prefix):
 def check_depthwise_forward(case):
     """The forward against float64 F.conv2d; returns the CPU forward path that ran (its layout
     part, "+wide" where its rows ran in wide sliding blocks, "+even-odd" where bf16 pairs ran
-    in even / odd channel order, "+streamed" where the output went through streamed stores)."""
+    in even / odd channel order, "+streamed" where the output went through streamed stores,
+    "+narrow" where NCHW ran as planes)."""
     wide_before = _path_runs("depthwise_forward_wide_sliding:")
     even_odd_before = _path_runs("depthwise_forward_bf16_even_odd:")
     streamed_before = _path_runs("depthwise_forward_nhwc_streamed:")
+    narrow_before = _path_runs("depthwise_forward_nchw_narrow:")
     gen = torch.Generator().manual_seed(stable_seed(case))
     c, oc = case["c"], case["c"] * case["multiplier"]
     x = relayout(torch.randn(case["batch"], c, *case["size"], generator=gen).to(case["dtype"]),
@@ -171,7 +175,8 @@ def check_depthwise_forward(case):
     args = (case["stride"], case["padding"], case["dilation"])
     with env_set("CONVOPS_CPU_NHWC", case["nhwc"]), \
             env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]), \
-            env_set("CONVOPS_CPU_STREAM_STORES", case["stream"]):
+            env_set("CONVOPS_CPU_STREAM_STORES", case["stream"]), \
+            env_set("CONVOPS_CPU_NCHW", case["nchw"]):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
@@ -181,7 +186,8 @@ def check_depthwise_forward(case):
             + ("+even-odd" if _path_runs("depthwise_forward_bf16_even_odd:") > even_odd_before
                else "")
             + ("+streamed" if _path_runs("depthwise_forward_nhwc_streamed:") > streamed_before
-               else ""))
+               else "")
+            + ("+narrow" if _path_runs("depthwise_forward_nchw_narrow:") > narrow_before else ""))
 
 
 _FORWARD_ISAS = set()
@@ -197,7 +203,7 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     """The forward fuzz examples reach every vectorized CPU forward path: NCHW, and NHWC in
     place (single channel vectors and pairs, with AVX-512 also bf16 pairs in even / odd order)
     and on the row ring, each layout also in wide sliding blocks; float32 rows in place also
-    through streamed stores."""
+    through streamed stores; with AVX-512, NCHW narrow maps as planes."""
     import sys
     paths = collections.Counter()
     module = sys.modules[__name__]
@@ -211,3 +217,4 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
                           "nhwc-ring+wide"}, dict(paths)
     assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
     assert {"nhwc-pairs+streamed", "nhwc+streamed"} <= set(paths), dict(paths)
+    assert ("nchw+narrow" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
