@@ -507,30 +507,32 @@ def test_vectorized_forward_wide_sliding(case, dtype, layout, isa, monkeypatch):
 # On CPUs with AVX512_BF16 the AVX-512 build rounds its bf16 stores with vcvtneps2bf16, which
 # flushes float32 denormals to zero and keeps NaN payloads where c10 keeps denormals and writes
 # 0x7FC0; vectors holding either take the emulated rounding. Its bits must be the AVX2 and
-# baseline builds' on every store path: NCHW, the NHWC ring, NHWC in place in channel order (17
+# baseline builds' on every store path: NCHW (channel blocks, and AVX-512's narrow planes on a
+# 14-wide map), the NHWC ring, NHWC in place in channel order (17
 # channels: one vector with a tail; pairs with CONVOPS_CPU_BF16_EVEN_ODD=0) and in even / odd
 # pairs (48: a pair and a single vector, 64: two pairs). On other AVX-512 CPUs this checks the
 # emulated store alone.
-@pytest.mark.parametrize("layout", ["nchw", "nhwc-ring", "nhwc-inplace", "nhwc-inplace-channel-order"])
+@pytest.mark.parametrize("layout", ["nchw", "nchw-narrow", "nhwc-ring", "nhwc-inplace",
+                                    "nhwc-inplace-channel-order"])
 @pytest.mark.parametrize("channels", [17, 48, 64])
 def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, monkeypatch):
     from convops import _C
     _require_isa("avx512")
-    cl = layout != "nchw"
+    cl = not layout.startswith("nchw")
     if cl:
         monkeypatch.setenv("CONVOPS_CPU_NHWC", layout.split("-")[1])
     if layout.endswith("channel-order"):
         monkeypatch.setenv("CONVOPS_CPU_BF16_EVEN_ODD", "0")
     g = torch.Generator().manual_seed(1416)
-    x = torch.randn(2, channels, 20, 37, generator=g).bfloat16()
+    x = torch.randn(2, channels, 20, 14 if layout == "nchw-narrow" else 37, generator=g).bfloat16()
     bits = x.view(torch.int16)
     # rows 4-9: bf16 denormals of both signs, so the float32 sums of output rows 5-8 are denormal
     sign = torch.randint(0, 2, bits[:, :, 4:10].shape, generator=g, dtype=torch.int16) * -0x8000
     bits[:, :, 4:10] = torch.randint(1, 0x80, bits[:, :, 4:10].shape, generator=g,
                                      dtype=torch.int16) | sign
     # NaNs with payloads: signaling and quiet, both signs (0xFFA5, 0xFFE3 as int16)
-    bits[:, :, 14, 3::9] = torch.tensor([0x7FA5, 0x7FC1, 0xFFA5 - 0x10000, 0xFFE3 - 0x10000],
-                                        dtype=torch.int16)
+    bits[:, :, 14, 3::3][..., :4] = torch.tensor([0x7FA5, 0x7FC1, 0xFFA5 - 0x10000,
+                                                  0xFFE3 - 0x10000], dtype=torch.int16)
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.randn(channels, 1, 3, 3, generator=g) * 0.5).bfloat16()
@@ -539,12 +541,17 @@ def test_vectorized_forward_avx512_bf16_stores_bit_identical(channels, layout, m
     for isa in ["avx512"] + others:
         monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
         even_odd_key = "depthwise_forward_bf16_even_odd:" + isa
+        narrow_key = "depthwise_forward_nchw_narrow:" + isa
         before = _C.cpu_path_counts().get(even_odd_key, 0)
+        narrow_before = _C.cpu_path_counts().get(narrow_key, 0)
         outs[isa] = convops.depthwise_conv2d(x, w, None, 1, 1).view(torch.int16)
         path, ran = _last_forward_path().split("/")
-        assert ran == isa and path.startswith(layout.split("-inplace")[0]), (isa, path)
+        assert ran == isa and path.startswith(layout.split("-")[0] if not cl else
+                                              layout.split("-inplace")[0]), (isa, path)
         even_odd = isa == "avx512" and layout == "nhwc-inplace" and channels > 32
         assert _C.cpu_path_counts().get(even_odd_key, 0) - before == int(even_odd)
+        narrow = isa == "avx512" and layout == "nchw-narrow"
+        assert _C.cpu_path_counts().get(narrow_key, 0) - narrow_before == int(narrow)
     out = outs["avx512"]
     denormal = ((out & 0x7F80) == 0) & ((out & 0x7F) != 0)
     nan = ((out & 0x7F80) == 0x7F80) & ((out & 0x7F) != 0)

@@ -148,7 +148,10 @@ def main():
     a.add_argument("--ring", action="store_true", help="the row ring instead of the in-place rows")
     a.add_argument("--rounds", type=int, default=5)
     a.add_argument("--paired", action="store_true",
-                   help="bf16 in place in even / odd channel pairs (AVX-512; implies --bf16)")
+                   help="bf16 in place in even / odd channel pairs (AVX-512; implies --bf16); only "
+                        "for rows the op runs in pairs (3x3, and strided rows up to 7x7): "
+                        "elsewhere the channel-order rows read the pair-ordered weights and "
+                        "the check against F.conv2d fails")
     args = ap.parse_args(argv)
     if args.cmd == "build":
         build(args.name, args.rev, flags, args.isa)
