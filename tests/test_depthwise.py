@@ -450,6 +450,73 @@ def test_vectorized_forward_nhwc_streamed_stores(case, isa, monkeypatch):
     assert_close(out, ref, torch.float32, f"forward, streamed, {isa}, seed {stable_seed(case)}")
 
 
+# NHWC rows in place whose register blocks read columns a multiple of 4 KB apart are staged at a
+# padded pixel pitch first (dw_stage_pitch): the rule's cases (float32 256 channels at dilation
+# 4, 128 at dilation 8, 1024 undilated and at stride 2; bf16 512 at dilation 4) and two it
+# leaves in place (2 KB steps), then forced (CONVOPS_CPU_NHWC_STAGE=1) on channel tails on every
+# ISA's lane count, strides and dilations together (ring slots with sh > 1), asymmetric and
+# 5x5 / 7x3 filters, and rows with no interior. (channels, kernel, stride, dilation, padding,
+# size, dtype, staged by the rule)
+STAGE_CASES = [
+    (256, (3, 3), 1, 4, 4, (10, 36), torch.float32, True),
+    (128, (3, 3), 1, 8, 8, (19, 70), torch.float32, True),
+    (1024, (3, 3), 1, 1, 1, (6, 9), torch.float32, True),
+    (1024, (3, 3), 2, 1, 1, (7, 11), torch.float32, True),
+    (512, (3, 3), 1, 4, 4, (9, 36), torch.bfloat16, True),
+    (256, (3, 3), 1, 2, 2, (8, 20), torch.float32, False),
+    (512, (3, 3), 2, 1, 1, (7, 11), torch.bfloat16, False),
+    (20, (3, 3), (2, 1), (1, 3), (1, 3), (13, 29), torch.float32, None),
+    (20, (3, 3), (2, 1), (2, 2), 2, (15, 27), torch.bfloat16, None),
+    (37, (5, 5), 1, 2, (3, 5), (12, 25), torch.float32, None),
+    (48, (7, 3), (3, 2), (2, 1), (5, 0), (21, 17), torch.bfloat16, None),
+    (33, (3, 3), 1, 3, 0, (9, 8), torch.float32, None),
+]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("case", STAGE_CASES, ids=lambda c: "C{}-k{}-s{}-d{}-{}".format(
+    c[0], c[1], c[2], c[3], str(c[6])[6:]).replace(" ", ""))
+def test_vectorized_forward_nhwc_staged_rows(case, isa, monkeypatch):
+    """Staged rows run exactly where the rule (or CONVOPS_CPU_NHWC_STAGE=1) says, asserted by the
+    path counter, at 1 and 3 threads (task ranges that start inside images and inside dilation
+    phases) on two inputs of one shape (no row staged by an earlier call is reused), give the
+    in-place rows' bits (CONVOPS_CPU_NHWC_STAGE=0), and match float64."""
+    from convops import _C
+    _require_isa(isa)
+    C, kernel, stride, dil, pad, size, dtype, by_rule = case
+    monkeypatch.setenv("CONVOPS_CPU_ISA", isa)
+    monkeypatch.setenv("CONVOPS_CPU_NHWC", "inplace")  # bf16 on AVX2 would take the ring
+    seed = 1424 + C * 7 + size[1]
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(2, C, *size, generator=g).to(dtype).to(memory_format=torch.channels_last)
+          for _ in range(2)]
+    w = torch.randn(C, 1, *kernel, generator=g).to(dtype)
+    b = torch.randn(C, generator=g).to(dtype)
+    args = (stride, pad, dil)
+    key = "depthwise_forward_nhwc_staged:" + isa
+    if by_rule is None:
+        monkeypatch.setenv("CONVOPS_CPU_NHWC_STAGE", "1")
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for t, x in zip((1, 3), xs):
+            torch.set_num_threads(t)
+            before = _C.cpu_path_counts().get(key, 0)
+            outs.append(convops.depthwise_conv2d(x, w, b, *args))
+            assert _last_forward_path().startswith("nhwc"), _last_forward_path()
+            assert _C.cpu_path_counts().get(key, 0) - before == int(by_rule is not False)
+        monkeypatch.setenv("CONVOPS_CPU_NHWC_STAGE", "0")
+        before = _C.cpu_path_counts().get(key, 0)
+        in_place = [convops.depthwise_conv2d(x, w, b, *args) for x in xs]
+        assert _C.cpu_path_counts().get(key, 0) == before
+    finally:
+        torch.set_num_threads(threads)
+    what = f"forward, nhwc staged {case}, {isa}, seed {seed}"
+    for out, x, ref in zip(outs, xs, in_place):
+        assert torch.equal(out, ref), what + ": differs from the rows read in place"
+        assert_close(out, reference(x.double(), w.double(), b.double(), *args), dtype, what)
+
+
 # Stride-1 rows of filters 8 or more wide run in wide sliding blocks of 8 pixels per dilation
 # phase (cpu/depthwise_forward_kernels.h): every border (the 27-wide filter on a 14-wide map has
 # no interior at all), widths that 8 does not divide, channel tails on every ISA's lane count,

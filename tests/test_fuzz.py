@@ -150,7 +150,8 @@ def depthwise_forward_problem(draw):
                 nhwc=draw(st.sampled_from(["", "ring", "inplace"])),
                 even_odd=draw(st.sampled_from(["", "0"])),
                 stream=draw(st.sampled_from(["", "1"])),
-                nchw=draw(st.sampled_from(["", "", "blocks"])))
+                nchw=draw(st.sampled_from(["", "", "blocks"])),
+                stage=draw(st.sampled_from(["", "", "", "1"])))
 
 
 def _path_runs(prefix):
@@ -161,11 +162,12 @@ def check_depthwise_forward(case):
     """The forward against float64 F.conv2d; returns the CPU forward path that ran (its layout
     part, "+wide" where its rows ran in wide sliding blocks, "+even-odd" where bf16 pairs ran
     in even / odd channel order, "+streamed" where the output went through streamed stores,
-    "+narrow" where NCHW ran as planes)."""
+    "+narrow" where NCHW ran as planes, "+staged" where NHWC rows were staged)."""
     wide_before = _path_runs("depthwise_forward_wide_sliding:")
     even_odd_before = _path_runs("depthwise_forward_bf16_even_odd:")
     streamed_before = _path_runs("depthwise_forward_nhwc_streamed:")
     narrow_before = _path_runs("depthwise_forward_nchw_narrow:")
+    staged_before = _path_runs("depthwise_forward_nhwc_staged:")
     gen = torch.Generator().manual_seed(stable_seed(case))
     c, oc = case["c"], case["c"] * case["multiplier"]
     x = relayout(torch.randn(case["batch"], c, *case["size"], generator=gen).to(case["dtype"]),
@@ -176,7 +178,8 @@ def check_depthwise_forward(case):
     with env_set("CONVOPS_CPU_NHWC", case["nhwc"]), \
             env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]), \
             env_set("CONVOPS_CPU_STREAM_STORES", case["stream"]), \
-            env_set("CONVOPS_CPU_NCHW", case["nchw"]):
+            env_set("CONVOPS_CPU_NCHW", case["nchw"]), \
+            env_set("CONVOPS_CPU_NHWC_STAGE", case["stage"]):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
@@ -187,7 +190,8 @@ def check_depthwise_forward(case):
                else "")
             + ("+streamed" if _path_runs("depthwise_forward_nhwc_streamed:") > streamed_before
                else "")
-            + ("+narrow" if _path_runs("depthwise_forward_nchw_narrow:") > narrow_before else ""))
+            + ("+narrow" if _path_runs("depthwise_forward_nchw_narrow:") > narrow_before else "")
+            + ("+staged" if _path_runs("depthwise_forward_nhwc_staged:") > staged_before else ""))
 
 
 _FORWARD_ISAS = set()
@@ -203,7 +207,8 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     """The forward fuzz examples reach every vectorized CPU forward path: NCHW, and NHWC in
     place (single channel vectors and pairs, with AVX-512 also bf16 pairs in even / odd order)
     and on the row ring, each layout also in wide sliding blocks; float32 rows in place also
-    through streamed stores; with AVX-512, NCHW narrow maps as planes."""
+    through streamed stores; with AVX-512, NCHW narrow maps as planes; NHWC rows in place
+    also staged."""
     import sys
     paths = collections.Counter()
     module = sys.modules[__name__]
@@ -218,3 +223,4 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
     assert {"nhwc-pairs+streamed", "nhwc+streamed"} <= set(paths), dict(paths)
     assert ("nchw+narrow" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
+    assert {"nhwc+staged", "nhwc-pairs+staged"} <= set(paths), dict(paths)

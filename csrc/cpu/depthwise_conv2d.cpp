@@ -454,6 +454,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // bf16). CONVOPS_CPU_NCHW=blocks keeps the channel blocks.
     const bool narrow = !cl && isa->nchw_narrow_f32 != nullptr && dw_nchw_narrow(j, isa->lanes) &&
                         !env_is("CONVOPS_CPU_NCHW", "blocks");
+    if (cl && !ring) j.stage_pitch = dw_stage_pitch(j, sizeof(scalar_t));
     const bool pairs = cl && !ring &&
                        dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
     // bf16 pairs in even / odd channel order (the AVX-512 build): fewer ALU ops per load and
@@ -560,6 +561,7 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
         isa->name;
     if (even_odd) count_path(std::string("depthwise_forward_bf16_even_odd:") + isa->name);
     if (narrow) count_path(std::string("depthwise_forward_nchw_narrow:") + isa->name);
+    if (j.stage_pitch) count_path(std::string("depthwise_forward_nhwc_staged:") + isa->name);
     if (streamed) count_path(std::string("depthwise_forward_nhwc_streamed:") + isa->name);
     if (dw_seven_wide(j)) count_path(std::string("depthwise_forward_seven_wide:") + isa->name);
     if (dw_wide_sliding(j)) count_path(std::string("depthwise_forward_wide_sliding:") + isa->name);

@@ -732,13 +732,38 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
   // 0.267 ms at 2 threads, 0.617 -> 0.531 at 1; N2 0.99 -> 0.71 ms; d2 and bf16 tie.
   const int64_t phases = j.sh == 1 && j.dh > 1 ? j.dh : 1;
   auto first_ih = [&](int64_t oh) { return oh * j.sh - j.ph; };
+  // Staged rows (j.stage_pitch > 0; the rule and its measurements: dw_stage_pitch): each input
+  // row the thread needs is copied once (per phase) into a per-thread ring of kh rows whose
+  // pixels lie stage_pitch elements apart, so a block's columns no longer share L1 sets, and the
+  // rows are read there. Input row ih lives in slot (ih / dh) % kh, distinct for the kh taps of
+  // one output row (as in nhwc_ring_rows).
+  const int64_t pitch = j.stage_pitch > 0 ? j.stage_pitch : j.C;
+  const int64_t stage_row = j.W * pitch;
+  T* stage = j.stage_pitch > 0 ? reinterpret_cast<T*>(scratch<float>(
+                                     kDwRingSlot, (j.kh * stage_row * int64_t(sizeof(T)) + 3) / 4))
+                               : nullptr;
+  int64_t* held = stage ? scratch<int64_t>(kDwRingSlot, j.kh) : nullptr;
+  if (held) std::fill(held, held + j.kh, int64_t(-1));
+  auto staged = [&](int64_t key, int64_t ih) -> const T* {
+    const int64_t slot = (ih / j.dh) % j.kh;
+    T* dst = stage + slot * stage_row;
+    if (int64_t& h = held[slot]; h != key) {
+      h = key;
+      const T* src = x + key * j.W * j.C;
+      for (int64_t iw = 0; iw < j.W; ++iw)
+        std::memcpy(dst + iw * pitch, src + iw * j.C, j.C * sizeof(T));
+    }
+    return dst;
+  };
   for (int64_t p0 = begin; p0 < end;) {
     const int64_t n = p0 / j.Ho, oh_a = p0 % j.Ho, oh_end = oh_a + (std::min(end, (n + 1) * j.Ho) - p0);
     for (int64_t phase = 0; phase < phases; ++phase) {
       for (int64_t oh = oh_a + phase; oh < oh_end; oh += phases) {
         for (int64_t ky = 0; ky < j.kh; ++ky) {
           const int64_t ih = first_ih(oh) + ky * j.dh;
-          rows[ky] = (ih >= 0 && ih < j.H) ? x + (n * j.H + ih) * j.W * j.C : nullptr;
+          rows[ky] = (ih >= 0 && ih < j.H) ? (stage ? staged(n * j.H + ih, ih)
+                                                    : x + (n * j.H + ih) * j.W * j.C)
+                                           : nullptr;
         }
         // the next row of this order (the next phase's first, or the next image's first)
         int64_t n2 = n, oh2 = oh + phases;
@@ -754,7 +779,7 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
           }
           if (!kStreamed) prefetch_l2(y + (n2 * j.Ho + oh2) * j.Wo * j.OC, out_row_bytes, true);
         }
-        conv_row<T, O>(j, rows, j.C, j.C / kLanes, static_cast<int>(j.C % kLanes),
+        conv_row<T, O>(j, rows, pitch, j.C / kLanes, static_cast<int>(j.C % kLanes),
                        y + (n * j.Ho + oh) * j.Wo * j.OC, j.OC, pairs);
       }
     }
