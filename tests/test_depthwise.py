@@ -450,10 +450,10 @@ def test_vectorized_forward_nhwc_streamed_stores(case, isa, monkeypatch):
     assert_close(out, ref, torch.float32, f"forward, streamed, {isa}, seed {stable_seed(case)}")
 
 
-# NHWC rows in place whose register blocks read columns a multiple of 4 KB apart are staged at a
-# padded pixel pitch first (dw_stage_pitch): the rule's cases (float32 256 channels at dilation
-# 4, 128 at dilation 8, 1024 undilated and at stride 2; bf16 512 at dilation 4) and two it
-# leaves in place (2 KB steps), then forced (CONVOPS_CPU_NHWC_STAGE=1) on channel tails on every
+# float32 NHWC rows in place whose register blocks read columns a multiple of 4 KB apart are
+# staged at a padded pixel pitch first (dw_stage_pitch): the rule's cases (256 channels at
+# dilation 4, 128 at dilation 8, 1024 undilated and at stride 2) and three it leaves in place
+# (a 2 KB step; bf16 at a 4 KB step; a layer past a third of the cache), then forced (CONVOPS_CPU_NHWC_STAGE=1) on channel tails on every
 # ISA's lane count, strides and dilations together (ring slots with sh > 1), asymmetric and
 # 5x5 / 7x3 filters, and rows with no interior. (channels, kernel, stride, dilation, padding,
 # size, dtype, staged by the rule)
@@ -462,7 +462,8 @@ STAGE_CASES = [
     (128, (3, 3), 1, 8, 8, (19, 70), torch.float32, True),
     (1024, (3, 3), 1, 1, 1, (6, 9), torch.float32, True),
     (1024, (3, 3), 2, 1, 1, (7, 11), torch.float32, True),
-    (512, (3, 3), 1, 4, 4, (9, 36), torch.bfloat16, True),
+    (512, (3, 3), 1, 4, 4, (9, 36), torch.bfloat16, False),
+    (256, (3, 3), 1, 4, 4, (64, 64), torch.float32, "big"),
     (256, (3, 3), 1, 2, 2, (8, 20), torch.float32, False),
     (512, (3, 3), 2, 1, 1, (7, 11), torch.bfloat16, False),
     (20, (3, 3), (2, 1), (1, 3), (1, 3), (13, 29), torch.float32, None),
@@ -471,6 +472,17 @@ STAGE_CASES = [
     (48, (7, 3), (3, 2), (2, 1), (5, 0), (21, 17), torch.bfloat16, None),
     (33, (3, 3), 1, 3, 0, (9, 8), torch.float32, None),
 ]
+
+
+def _last_level_cache_bytes():
+    """The size the op reads (cpu/depthwise_conv2d.cpp): Linux sysfs, else 32 MB."""
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
+            text = f.read().strip()
+        size = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
+    except (OSError, ValueError):
+        size = 0
+    return size if size > 0 else 32 << 20
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -496,6 +508,8 @@ def test_vectorized_forward_nhwc_staged_rows(case, isa, monkeypatch):
     key = "depthwise_forward_nhwc_staged:" + isa
     if by_rule is None:
         monkeypatch.setenv("CONVOPS_CPU_NHWC_STAGE", "1")
+    if by_rule == "big":  # staged only where input + output fit a third of the last-level cache
+        by_rule = 2 * xs[0].nbytes <= _last_level_cache_bytes() // 3
     threads = torch.get_num_threads()
     try:
         outs = []

@@ -38,7 +38,7 @@ ENTRY = r'''
       j.lo[kx] = r.first, j.hi[kx] = r.last;                                                    \
       j.inner_lo = std::max(j.inner_lo, r.first), j.inner_hi = std::min(j.inner_hi, r.last);    \
     }                                                                                           \
-    j.stage_pitch = dw_stage_pitch(j, sizeof(T));                                               \
+    j.stage_pitch = dw_stage_pitch(j, sizeof(T), true);                                         \
     at::parallel_for(0, j.N * j.Ho, 1, [&](int64_t b, int64_t e) { ROWS<T>(j, b, e); });       \
   }
 extern "C" int lab_lanes() { return kLanes; }

@@ -454,7 +454,9 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // bf16). CONVOPS_CPU_NCHW=blocks keeps the channel blocks.
     const bool narrow = !cl && isa->nchw_narrow_f32 != nullptr && dw_nchw_narrow(j, isa->lanes) &&
                         !env_is("CONVOPS_CPU_NCHW", "blocks");
-    if (cl && !ring) j.stage_pitch = dw_stage_pitch(j, sizeof(scalar_t));
+    const int64_t io_bytes = x.nbytes() + out.nbytes();
+    const bool in_cache = io_bytes <= last_level_cache_bytes() / 3;
+    if (cl && !ring) j.stage_pitch = dw_stage_pitch(j, sizeof(scalar_t), in_cache);
     const bool pairs = cl && !ring &&
                        dw_rows_in_pairs(j, isa->lanes, isa->pair_slide_w, isa->pair_block_w);
     // bf16 pairs in even / odd channel order (the AVX-512 build): fewer ALU ops per load and
@@ -493,10 +495,8 @@ bool forward_vectorized(const at::Tensor& x, const at::Tensor& w, const at::Tens
     // other tenants leave. Streaming leaves the output out of cache for the next layer; below
     // the threshold it would have been there. CONVOPS_CPU_STREAM_STORES=1|0 forces it on
     // (where aligned) or off.
-    const int64_t io_bytes = x.nbytes() + out.nbytes();
     const bool stream_wanted = env_is("CONVOPS_CPU_STREAM_STORES", "1") ||
-                               (!env_is("CONVOPS_CPU_STREAM_STORES", "0") &&
-                                io_bytes > last_level_cache_bytes() / 3);
+                               (!env_is("CONVOPS_CPU_STREAM_STORES", "0") && !in_cache);
     const bool streamed = kF32 && cl && !ring && stream_wanted && g.OC % lanes == 0 &&
                           reinterpret_cast<uintptr_t>(j.y) % (lanes * sizeof(float)) == 0;
     // Weights (and bias) packed per block of `lanes` output channels, zero past OC; with

@@ -16,8 +16,9 @@
 // packed to match). Large float32 layers (input + output over a third of the last-level cache)
 // store their output rows with non-temporal stores: no read for ownership of lines that would
 // not stay in cache anyway (the rule and its measurements: cpu/depthwise_conv2d.cpp). Where a
-// block's input columns would lie a multiple of 4 KB apart (256 float32 channels at dilation 4,
-// 1024 at dilation 1), the rows are first staged at a padded pixel pitch (dw_stage_pitch).
+// float32 block's input columns would lie a multiple of 4 KB apart (256 channels at dilation 4)
+// in a layer that stays in cache, the rows are first staged at a padded pixel pitch
+// (dw_stage_pitch).
 //
 // NHWC row ring (bf16, and stride-1 filters spanning many rows; the rule and its measurements are
 // in cpu/depthwise_conv2d.cpp): each input row a thread needs is copied once (per dilation
@@ -131,24 +132,27 @@ inline bool dw_wide_sevens(const DwForwardJob& j, int lanes) {
 }
 
 // NHWC in place: the pixel pitch (elements) of the staged input rows, or 0 to read the rows in
-// place (cpu/depthwise_forward_kernels.h, nhwc_rows). Staged where the input columns one
-// register block reads lie a multiple of 4 KB apart: a stride-1 block's columns are dw pixels
-// apart (one dilation phase), other blocks' columns are neighbours. There each block's 3*kh or
-// more columns fall in the same L1 sets and ran at half the speed of a channel count off by
-// one vector (2 threads, float32, batch 1, d4 at 64x64: 256 channels 0.226 ms, 240 channels
-// 0.121). The staged rows sit C + 64 bytes apart per pixel; each input row is copied once per
-// phase (one extra read and write of the input, 0.046 ms on 240 channels). Kernel lab and
-// in-process A/B on the 2-core Zen 4 VM, 2 threads, batch 1, in place -> staged, ms: float32
-// d4-256@64 0.221-0.226 -> 0.186-0.192, d1-1024@16 0.104 -> 0.076, d8-128@64 0.140 -> 0.129,
-// d2-512@32 0.151 -> 0.141; bf16 d4-512@32 0.146 -> 0.116, d2-1024@16 0.097 -> 0.076. Where
-// the step is 1 or 2 KB, staging lost (float32 d2-256@64 0.23 -> 0.33, d1-256@64 0.160 ->
-// 0.204, s2-512@28 0.086 -> 0.106). Not above the ring's budget per thread.
+// place (cpu/depthwise_forward_kernels.h, nhwc_rows). Staged: float32 layers that stay in
+// cache (in_cache: input + output within a third of the last-level cache, as for streamed
+// stores) whose register blocks read input columns a multiple of 4 KB apart; a stride-1 block's
+// columns are dw pixels apart (one dilation phase), other blocks' columns are neighbours. There
+// each block's 3 * kh columns fall in the same L1 sets: float32 d4-256@64 at batch 1 ran in
+// 0.226 ms where 240 channels took 0.121 (2 threads, kernel lab). The staged rows sit C + 64
+// bytes apart per pixel; each input row is copied once per phase (one extra read and write of
+// the input: 0.046 ms of 240 channels' 0.121 when forced). In-process A/B on the 2-core Zen 4
+// VM, 2 threads, batch 1, in place -> staged, ms: d4-256@64 0.33-0.34 -> 0.29-0.31 (lab 0.221 ->
+// 0.186), d2-512@32 0.158-0.180 -> 0.144-0.171; d8-128@64 ties (0.12); d1-1024@16 ran 0.115 ->
+// 0.082 and 0.099 -> 0.110. Left in place: bf16 (4 KB steps from 512 channels: d4-512@32
+// 0.098-0.113 -> 0.108-0.125, d2-1024@16 0.081-0.085 -> 0.090-0.094, 2048@12 ties), steps of 1
+// or 2 KB (float32 d2-256@64 0.23 -> 0.33, d1-256@64 0.160 -> 0.204, s2-512@28 0.086 -> 0.106),
+// and layers past the cache, which wait on memory and streamed stores (d4-256@64 N4 1.10-1.29
+// -> 1.25-1.66 ms at 2 threads, N2 0.57 -> 0.60). Not above the ring's budget per thread.
 // CONVOPS_CPU_NHWC_STAGE=1|0 forces staging on or off.
 constexpr int64_t kDwStagePadBytes = 64;
-inline int64_t dw_stage_pitch(const DwForwardJob& j, int64_t elem_bytes) {
+inline int64_t dw_stage_pitch(const DwForwardJob& j, int64_t elem_bytes, bool in_cache) {
   const int64_t pitch = j.C + kDwStagePadBytes / elem_bytes;
   if (env_is("CONVOPS_CPU_NHWC_STAGE", "1")) return pitch;
-  if (env_is("CONVOPS_CPU_NHWC_STAGE", "0")) return 0;
+  if (env_is("CONVOPS_CPU_NHWC_STAGE", "0") || elem_bytes != 4 || !in_cache) return 0;
   const int64_t column_step = j.C * elem_bytes * (j.sw == 1 ? j.dw : 1);
   const bool fits = j.kh * j.W * pitch * elem_bytes <= kDwRingBudgetBytes;
   return column_step % 4096 == 0 && fits ? pitch : 0;
