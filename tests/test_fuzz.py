@@ -133,7 +133,9 @@ def depthwise_forward_problem(draw):
     run in even / odd order (the rule) or in channel order (CONVOPS_CPU_BF16_EVEN_ODD=0), and
     whether float32 NHWC rows store through non-temporal stores (CONVOPS_CPU_STREAM_STORES=1,
     taken where the channels are whole vectors), and whether NCHW maps at most 16 wide run as
-    AVX-512 planes (the rule) or in channel blocks (CONVOPS_CPU_NCHW=blocks)."""
+    AVX-512 planes (the rule) or in channel blocks (CONVOPS_CPU_NCHW=blocks). Examples whose
+    channels + batch are even also stage NHWC rows in place (CONVOPS_CPU_NHWC_STAGE=1, set by
+    check_depthwise_forward; the rule stages no layer this small)."""
     # 3 wide often: the rows that take channel vectors in pairs
     kh, kw = draw(st.integers(1, 7)), draw(st.just(3) | st.integers(1, 7) | st.integers(8, 13))
     dh, dw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
@@ -150,8 +152,7 @@ def depthwise_forward_problem(draw):
                 nhwc=draw(st.sampled_from(["", "ring", "inplace"])),
                 even_odd=draw(st.sampled_from(["", "0"])),
                 stream=draw(st.sampled_from(["", "1"])),
-                nchw=draw(st.sampled_from(["", "", "blocks"])),
-                stage=draw(st.sampled_from(["", "", "", "1"])))
+                nchw=draw(st.sampled_from(["", "", "blocks"])))
 
 
 def _path_runs(prefix):
@@ -175,11 +176,14 @@ def check_depthwise_forward(case):
     w = torch.randn(oc, 1, *case["k"], generator=gen).to(case["dtype"])
     b = torch.randn(oc, generator=gen).to(case["dtype"]) if case["bias"] else None
     args = (case["stride"], case["padding"], case["dilation"])
+    # staged NHWC rows for about half the examples, from values already drawn (a draw of its own
+    # would move every later example away from the paths the reach test counts on)
+    stage = "1" if (case["c"] + case["batch"]) % 2 == 0 else ""
     with env_set("CONVOPS_CPU_NHWC", case["nhwc"]), \
             env_set("CONVOPS_CPU_BF16_EVEN_ODD", case["even_odd"]), \
             env_set("CONVOPS_CPU_STREAM_STORES", case["stream"]), \
             env_set("CONVOPS_CPU_NCHW", case["nchw"]), \
-            env_set("CONVOPS_CPU_NHWC_STAGE", case["stage"]):
+            env_set("CONVOPS_CPU_NHWC_STAGE", stage):
         out = convops.depthwise_conv2d(x, w, b, *args)
     ref = depthwise_reference(x, w, b, *args)
     assert_close(out, ref, case["dtype"], f"depthwise forward {case}, seed {stable_seed(case)}")
@@ -218,9 +222,11 @@ def test_fuzz_reaches_cpu_depthwise_forward_paths(monkeypatch):
     print(f"\nforward paths: {dict(paths)}")
     if set(paths) == {"generic"}:
         pytest.skip("no vectorized CPU forward on this machine")
-    assert set(paths) >= {"nchw", "nhwc", "nhwc-pairs", "nhwc-ring", "nchw+wide", "nhwc+wide",
-                          "nhwc-ring+wide"}, dict(paths)
-    assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
-    assert {"nhwc-pairs+streamed", "nhwc+streamed"} <= set(paths), dict(paths)
-    assert ("nchw+narrow" in paths) == ("avx512" in _FORWARD_ISAS), dict(paths)
-    assert {"nhwc+staged", "nhwc-pairs+staged"} <= set(paths), dict(paths)
+    assert any(p.endswith("+staged") and p.startswith("nhwc-pairs") for p in paths), dict(paths)
+    assert any(p.endswith("+staged") and p.startswith("nhwc+") for p in paths), dict(paths)
+    paths = {p.removesuffix("+staged") for p in paths}  # staged rows are still those paths
+    assert paths >= {"nchw", "nhwc", "nhwc-pairs", "nhwc-ring", "nchw+wide", "nhwc+wide",
+                     "nhwc-ring+wide"}, paths
+    assert ("nhwc-pairs+even-odd" in paths) == ("avx512" in _FORWARD_ISAS), paths
+    assert {"nhwc-pairs+streamed", "nhwc+streamed"} <= paths, paths
+    assert ("nchw+narrow" in paths) == ("avx512" in _FORWARD_ISAS), paths
