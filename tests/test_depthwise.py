@@ -453,10 +453,10 @@ def test_vectorized_forward_nhwc_streamed_stores(case, isa, monkeypatch):
 # float32 NHWC rows in place whose register blocks read columns a multiple of 4 KB apart are
 # staged at a padded pixel pitch first (dw_stage_pitch): the rule's cases (256 channels at
 # dilation 4, 128 at dilation 8, 1024 undilated and at stride 2) and three it leaves in place
-# (a 2 KB step; bf16 at a 4 KB step; a layer past a third of the cache), then forced (CONVOPS_CPU_NHWC_STAGE=1) on channel tails on every
-# ISA's lane count, strides and dilations together (ring slots with sh > 1), asymmetric and
-# 5x5 / 7x3 filters, and rows with no interior. (channels, kernel, stride, dilation, padding,
-# size, dtype, staged by the rule)
+# (a 2 KB step; bf16 at a 4 KB step; a layer past a third of the cache, "big"), then forced
+# (CONVOPS_CPU_NHWC_STAGE=1) on channel tails on every ISA's lane count, strides and dilations
+# together (ring slots with sh > 1), asymmetric and 5x5 / 7x3 filters, and rows with no
+# interior. (channels, kernel, stride, dilation, padding, size, dtype, staged by the rule)
 STAGE_CASES = [
     (256, (3, 3), 1, 4, 4, (10, 36), torch.float32, True),
     (128, (3, 3), 1, 8, 8, (19, 70), torch.float32, True),
