@@ -474,17 +474,6 @@ STAGE_CASES = [
 ]
 
 
-def _last_level_cache_bytes():
-    """The size the op reads (cpu/depthwise_conv2d.cpp): Linux sysfs, else 32 MB."""
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cache/index3/size") as f:
-            text = f.read().strip()
-        size = int(text.rstrip("KM")) * {"K": 1 << 10, "M": 1 << 20}.get(text[-1], 1)
-    except (OSError, ValueError):
-        size = 0
-    return size if size > 0 else 32 << 20
-
-
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("case", STAGE_CASES, ids=lambda c: "C{}-k{}-s{}-d{}-{}".format(
     c[0], c[1], c[2], c[3], str(c[6])[6:]).replace(" ", ""))
@@ -509,7 +498,7 @@ def test_vectorized_forward_nhwc_staged_rows(case, isa, monkeypatch):
     if by_rule is None:
         monkeypatch.setenv("CONVOPS_CPU_NHWC_STAGE", "1")
     if by_rule == "big":  # staged only where input + output fit a third of the last-level cache
-        by_rule = 2 * xs[0].nbytes <= _last_level_cache_bytes() // 3
+        by_rule = 2 * xs[0].nbytes <= torch.ops.convops_cpu_debug.last_level_cache_bytes() // 3
     threads = torch.get_num_threads()
     try:
         outs = []

@@ -653,6 +653,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> depthwise_conv2d_backward_cpu(
 // Test hook, outside the convops namespace (not part of the API): torch.ops.convops_cpu_debug.
 TORCH_LIBRARY(convops_cpu_debug, m) {
   m.def("depthwise_forward_last_path() -> str", &depthwise_forward_last_path);
+  // the size the staging and streaming rules compare against, so that tests predict them
+  m.def("last_level_cache_bytes() -> int", &last_level_cache_bytes);
 }
 
 TORCH_LIBRARY_IMPL(convops, CPU, m) {

@@ -92,6 +92,10 @@ inline DwInterior dw_interior(const DwForwardJob& j) {
   return {lo, std::clamp(j.inner_hi, lo, j.Wo)};
 }
 
+// The slot of input row ih in a per-thread ring of kh rows (nhwc_ring_rows, and staged
+// nhwc_rows): distinct for the kh taps of one output row, whose rows are dh apart.
+inline int64_t dw_ring_slot(const DwForwardJob& j, int64_t ih) { return (ih / j.dh) % j.kh; }
+
 // The indices q in [0, count) whose input column start + q * step lies inside the row: a
 // border pixel's valid taps (step = dilation) and a wide block's window columns inside the image.
 inline OutputRange<int64_t> dw_columns_inside(const DwForwardJob& j, int64_t start, int64_t step,

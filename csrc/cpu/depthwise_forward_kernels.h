@@ -735,8 +735,7 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
   // Staged rows (j.stage_pitch > 0; the rule and its measurements: dw_stage_pitch): each input
   // row the thread needs is copied once (per phase) into a per-thread ring of kh rows whose
   // pixels lie stage_pitch elements apart, so a block's columns no longer share L1 sets, and the
-  // rows are read there. Input row ih lives in slot (ih / dh) % kh, distinct for the kh taps of
-  // one output row (as in nhwc_ring_rows).
+  // rows are read there, in the slots of nhwc_ring_rows (dw_ring_slot).
   const int64_t pitch = j.stage_pitch > 0 ? j.stage_pitch : j.C;
   const int64_t stage_row = j.W * pitch;
   T* stage = j.stage_pitch > 0 ? reinterpret_cast<T*>(scratch<float>(
@@ -745,7 +744,7 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
   int64_t* held = stage ? scratch<int64_t>(kDwRingSlot, j.kh) : nullptr;
   if (held) std::fill(held, held + j.kh, int64_t(-1));
   auto staged = [&](int64_t key, int64_t ih) -> const T* {
-    const int64_t slot = (ih / j.dh) % j.kh;
+    const int64_t slot = dw_ring_slot(j, ih);
     T* dst = stage + slot * stage_row;
     if (int64_t& h = held[slot]; h != key) {
       h = key;
@@ -792,7 +791,7 @@ void nhwc_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
 // as above, but each input row the thread needs is first copied into a ring of kh rows of
 // [channel block][W][kLanes] floats (bf16 widened on the way), and every channel block's row
 // kernel then runs on its own contiguous [W][kLanes] sub-rows. Input row ih lives in slot
-// (ih / dh) % kh, distinct for the kh taps of one output row. Dilated stride-1 rows run in
+// dw_ring_slot(j, ih), distinct for the kh taps of one output row. Dilated stride-1 rows run in
 // phase order (oh mod dh) within each image, so consecutive rows share all but one input row and
 // each input row is copied once per phase run: a ring of kh rows, not (kh-1)*dh+1 (d4-256@64:
 // 192 KB, inside L2, instead of 576 KB).
@@ -821,7 +820,7 @@ void nhwc_ring_rows(const DwForwardJob& j, int64_t begin, int64_t end) {
             slot_rows[ky] = nullptr;
             continue;
           }
-          const int64_t slot = (ih / j.dh) % j.kh;
+          const int64_t slot = dw_ring_slot(j, ih);
           float* dst = ring + slot * ring_row;
           const int64_t key = n * j.H + ih;  // rows of different images share slots
           if (held[slot] != key) {
